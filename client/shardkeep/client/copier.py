@@ -1,0 +1,83 @@
+"""The copy of one version into a slot, and its checksums.
+
+Contiguous CPU tensors are copied with ``memmove`` (releases the GIL, one
+thread, no intra-op thread pool fighting the training thread for cores) in
+pieces of a few MiB; each checksum chunk is hashed as soon as it is complete,
+while it is still in cache.  Other tensors go through ``Tensor.copy_``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+
+from shardkeep.proto.layout import TensorEntry
+from shardkeep.proto.manifest import checksum
+
+PIECE = 8 << 20
+
+
+class ChunkHasher:
+    """Hashes the data region chunk by chunk, as far as the copy has written."""
+
+    def __init__(self, data: memoryview, nbytes: int, chunk: int) -> None:
+        self.data, self.nbytes, self.chunk = data, nbytes, chunk
+        self.sums: list[int] = []
+        self.done = 0  # bytes hashed
+
+    def advance(self, upto: int) -> None:
+        upto = min(upto, self.nbytes)
+        while self.done + self.chunk <= upto or (upto == self.nbytes and self.done < upto):
+            end = min(self.done + self.chunk, self.nbytes)
+            self.sums.append(checksum(self.data[self.done : end]))
+            self.done = end
+
+    def finish(self) -> list[int]:
+        self.advance(self.nbytes)
+        return self.sums
+
+
+def dst_view(region: torch.Tensor, e: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of the entry's dtype and shape over the slot's bytes (no copy)."""
+    raw = region[e.offset : e.offset + e.nbytes]
+    if e.nbytes == 0:
+        return torch.empty(e.shape, dtype=dtype)
+    return raw.view(dtype).view(e.shape)
+
+
+def copy_tensor(src: torch.Tensor, dst: torch.Tensor, nbytes: int, base: int, hasher: ChunkHasher,
+                stream: "torch.cuda.Stream | None" = None) -> None:
+    """Copy ``src`` into ``dst`` (which starts ``base`` bytes into the data region)."""
+    if nbytes == 0:
+        return
+    if src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg():
+        sp, dp = src.data_ptr(), dst.data_ptr()
+        for off in range(0, nbytes, PIECE):
+            n = min(PIECE, nbytes - off)
+            ctypes.memmove(dp + off, sp + off, n)
+            hasher.advance(base + off + n)
+        return
+    if src.device.type == "cuda" and stream is not None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        stream.synchronize()
+    else:
+        dst.copy_(src)
+    hasher.advance(base + nbytes)
+
+
+def copy_all(
+    tensors: list[torch.Tensor], entries: list[TensorEntry], dtypes: list[torch.dtype],
+    region: torch.Tensor, hasher: ChunkHasher, order: list[int], after: Callable[[int], None],
+    stream=None,
+) -> None:
+    """Copy tensors in ``order``; ``after(i)`` runs once the i-th of the order is in shm.
+
+    Checksums need offsets in increasing order, so the layout already follows ``order``.
+    """
+    for pos, i in enumerate(order):
+        e = entries[i]
+        copy_tensor(tensors[i], dst_view(region, e, dtypes[i]), e.nbytes, e.offset, hasher, stream)
+        after(pos)

@@ -1,0 +1,232 @@
+"""Turn a training state tree into tensors + a skeleton, and put it back.
+
+``state`` may hold tensors, ``Stateful`` objects (``nn.Module``, ``Optimizer``,
+schedulers, loaders, anything with ``state_dict``/``load_state_dict``), leaves
+(None, bool, int, float, str, bytes, numpy arrays) and dicts, lists and tuples
+of these.  The skeleton is the same tree with each tensor replaced by a
+``TensorRef`` and each Stateful by a tagged map holding its ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shardkeep.proto.layout import DTYPE_ITEMSIZE
+from shardkeep.proto.leaves import NDArrayLeaf, TensorRef, UnsupportedLeaf
+
+try:
+    import numpy as np
+except ImportError:
+    np = None  # type: ignore[assignment]
+
+TAG = "__shardkeep__"
+RNG_KEY = "__shardkeep_rng__"
+
+
+def is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def dtype_name(t: torch.Tensor, path: str) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in DTYPE_ITEMSIZE:
+        raise TypeError(f"state[{path}]: dtype {t.dtype} is not supported")
+    return name
+
+
+@dataclass
+class Flat:
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    late: list[bool] = field(default_factory=list)     # changed by optimizer.step (params, optim state)
+    skeleton: Any = None
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    _seen: dict[tuple, int] = field(default_factory=dict)
+    _late_ptrs: set[int] = field(default_factory=set)
+
+    def add_tensor(self, t: torch.Tensor, path: str) -> TensorRef:
+        if t.layout != torch.strided:
+            raise TypeError(f"state[{path}]: {t.layout} tensors are not supported; densify them first")
+        if t.is_quantized:
+            raise TypeError(f"state[{path}]: quantized tensors are not supported")
+        if t.device.type == "meta":
+            raise TypeError(f"state[{path}]: meta tensors hold no data")
+        dtype_name(t, path)
+        t = t.detach()
+        key = (t.device.type, t.device.index, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        idx = self._seen.get(key) if t.numel() else None
+        if idx is None:  # tied weights and repeated views are stored once
+            idx = len(self.tensors)
+            self._seen[key] = idx
+            self.tensors.append(t)
+            self.names.append(path)
+            self.late.append(t.data_ptr() in self._late_ptrs)
+        return TensorRef(idx)
+
+
+def flatten(state: dict, rng_state: dict | None) -> Flat:
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of named objects, got {type(state).__name__}")
+    flat = Flat()
+    _collect_hooks(state, flat, set())
+    for m in flat.modules:
+        flat._late_ptrs.update(p.data_ptr() for p in m.parameters())
+    for o in flat.optimizers:
+        for g in o.param_groups:
+            flat._late_ptrs.update(p.data_ptr() for p in g["params"])
+        for st in o.state.values():
+            if isinstance(st, dict):
+                flat._late_ptrs.update(v.data_ptr() for v in st.values() if isinstance(v, torch.Tensor))
+    root = {k: _walk(v, flat, _key(k)) for k, v in state.items()}
+    if rng_state is not None:
+        root[RNG_KEY] = _walk(rng_state, flat, RNG_KEY)
+    flat.skeleton = root
+    return flat
+
+
+def _key(k: Any) -> str:
+    return k if isinstance(k, str) else repr(k)
+
+
+def _collect_hooks(obj: Any, flat: Flat, seen: set[int]) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        flat.modules.append(obj)
+    elif isinstance(obj, torch.optim.Optimizer):
+        flat.optimizers.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_hooks(v, flat, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_hooks(v, flat, seen)
+
+
+def _walk(obj: Any, flat: Flat, path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return flat.add_tensor(obj, path)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, NDArrayLeaf)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _walk(v, flat, f"{path}.{_key(k)}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_walk(v, flat, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_walk(v, flat, f"{path}.{i}") for i, v in enumerate(obj))
+    if is_stateful(obj):
+        return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc" or obj.dtype.hasobject:
+                raise TypeError(f"state[{path}]: numpy arrays of dtype {obj.dtype} are not supported")
+            a = np.ascontiguousarray(obj)
+            return NDArrayLeaf(a.dtype.str, tuple(a.shape), a.tobytes())
+        if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+            return obj.item()
+    if isinstance(obj, (bytearray, memoryview)):
+        return bytes(obj)
+    raise UnsupportedLeaf(path, obj)
+
+
+# --- restore --------------------------------------------------------------------
+
+
+class Restorer:
+    """Put a saved skeleton back into the user's objects, in place where shapes allow."""
+
+    def __init__(self, views: list[torch.Tensor]) -> None:
+        self.views = views  # shm views, valid only until the version is released
+
+    def owned(self, saved: Any, like: Any = None) -> Any:
+        """A value the user may keep: tensors are copied out of shm."""
+        if isinstance(saved, TensorRef):
+            v = self.views[saved.index]
+            if isinstance(like, torch.Tensor) and like.shape == v.shape and like.dtype == v.dtype:
+                with torch.no_grad():
+                    like.copy_(v)
+                return like
+            out = v.clone()
+            if isinstance(like, torch.Tensor) and like.device != out.device:
+                out = out.to(like.device)
+            return out
+        if isinstance(saved, NDArrayLeaf):
+            if np is None:
+                raise RuntimeError("numpy is needed to restore a numpy array")
+            return np.frombuffer(saved.data, dtype=np.dtype(saved.dtype)).reshape(saved.shape).copy()
+        if isinstance(saved, dict):
+            if saved.get(TAG) == "stateful":
+                return self.owned(saved["state"], like)
+            likes = like if isinstance(like, dict) else {}
+            return {k: self.owned(v, likes.get(k)) for k, v in saved.items()}
+        if isinstance(saved, (list, tuple)):
+            likes = like if isinstance(like, (list, tuple)) and len(like) == len(saved) else [None] * len(saved)
+            out = [self.owned(v, l) for v, l in zip(saved, likes)]
+            return tuple(out) if isinstance(saved, tuple) else out
+        return saved
+
+    def borrowed(self, saved: Any) -> Any:
+        """A value only read during a call (module.load_state_dict copies): shm views."""
+        if isinstance(saved, TensorRef):
+            return self.views[saved.index]
+        if isinstance(saved, dict):
+            return {k: self.borrowed(v) for k, v in saved.items()}
+        if isinstance(saved, (list, tuple)):
+            out = [self.borrowed(v) for v in saved]
+            return tuple(out) if isinstance(saved, tuple) else out
+        return self.owned(saved)
+
+    def into(self, container: Any, key: Any, saved: Any, path: str) -> None:
+        present = key in container if isinstance(container, dict) else key < len(container)
+        cur = container[key] if present else None
+        if present and is_stateful(cur) and not isinstance(cur, (dict, list, tuple, torch.Tensor)):
+            if not (isinstance(saved, dict) and saved.get(TAG) == "stateful"):
+                raise ValueError(f"state[{path}] is a {type(cur).__name__} but the snapshot holds a plain value there")
+            if isinstance(cur, torch.nn.Module):
+                cur.load_state_dict(self.borrowed(saved["state"]))
+            else:
+                cur.load_state_dict(self.owned(saved["state"], like=_current_state(cur)))
+            return
+        if isinstance(saved, dict) and saved.get(TAG) == "stateful":
+            raise ValueError(
+                f"state[{path}] was saved from a {saved.get('type')} (state_dict/load_state_dict) "
+                f"but is now {type(cur).__name__}; pass the same kind of object to restore()"
+            )
+        if isinstance(cur, torch.Tensor) and isinstance(saved, TensorRef):
+            v = self.views[saved.index]
+            if cur.shape == v.shape and cur.dtype == v.dtype:
+                with torch.no_grad():
+                    cur.copy_(v)
+                return
+        elif isinstance(cur, dict) and isinstance(saved, dict):
+            for k, v in saved.items():
+                self.into(cur, k, v, f"{path}.{_key(k)}")
+            return
+        elif isinstance(cur, list) and isinstance(saved, list) and len(cur) == len(saved):
+            for i, v in enumerate(saved):
+                self.into(cur, i, v, f"{path}.{i}")
+            return
+        elif isinstance(cur, tuple) and isinstance(saved, tuple) and len(cur) == len(saved):
+            tmp = list(cur)
+            for i, v in enumerate(saved):
+                self.into(tmp, i, v, f"{path}.{i}")
+            container[key] = tuple(tmp)
+            return
+        if isinstance(container, tuple):
+            raise ValueError(f"cannot assign into a tuple at state[{path}]")
+        if present or isinstance(container, dict):
+            container[key] = self.owned(saved, cur)
+        else:
+            raise ValueError(f"state[{path}]: the list is shorter than the snapshot's")
+
+
+def _current_state(obj: Any) -> Any:
+    try:
+        return obj.state_dict()
+    except Exception:
+        return None

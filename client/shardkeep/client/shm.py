@@ -1,0 +1,81 @@
+"""Client-side mappings of the daemon's slot segments.
+
+Each segment is mapped once with ``MAP_POPULATE`` (page tables filled at map
+time, not by faults during the copy) and reused for every snapshot and
+restore.  The client never creates or unlinks segments: the daemon owns them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from shardkeep.proto.errors import NotFoundError, PermissionDeniedError
+
+SHM_DIR = "/dev/shm"
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+@dataclass(eq=False)
+class Mapping:
+    name: str
+    size: int
+    mm: mmap.mmap
+    u8: torch.Tensor  # the whole segment as uint8, over the mapping (no copy)
+    address: int
+
+    def region(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.u8[offset : offset + nbytes]
+
+
+class SlotMaps:
+    """name -> Mapping; thread-safe; drop() forgets segments the daemon no longer serves."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, Mapping] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, size: int) -> Mapping:
+        with self._lock:
+            m = self._maps.get(name)
+            if m is not None and m.size == size:
+                return m
+        m = _map(name, size)
+        with self._lock:
+            self._maps[name] = m
+        return m
+
+    def keep_only(self, names: set[str]) -> None:
+        with self._lock:
+            for n in list(self._maps):
+                if n not in names:
+                    del self._maps[n]  # unmapped once no tensor views remain
+
+    def clear(self) -> None:
+        with self._lock:
+            self._maps.clear()
+
+
+def _map(name: str, size: int) -> Mapping:
+    if "/" in name or name.startswith("."):
+        raise PermissionDeniedError(f"refusing segment name {name!r}")
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFoundError(f"segment {path} is gone (daemon restarted or job finished)") from None
+    except PermissionError:
+        raise PermissionDeniedError(f"cannot open {path}: run the trainer as the daemon's user") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != size:
+            raise NotFoundError(f"segment {path} has {st.st_size} bytes, expected {size}")
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    u8 = torch.frombuffer(mm, dtype=torch.uint8)
+    return Mapping(name, size, mm, u8, u8.data_ptr())

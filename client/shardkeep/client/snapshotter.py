@@ -1,0 +1,602 @@
+"""``Snapshotter``: the trainer-side API (see DESIGN.md, "Client")."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from shardkeep.proto import wire
+from shardkeep.proto.config import DEFAULT_TIMEOUTS, default_socket
+from shardkeep.proto.errors import (
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    ShardkeepError,
+    ShardkeepTimeoutError,
+    StaleSessionError,
+    UnavailableError,
+)
+from shardkeep.proto.faults import Phase, plan as fault_plan
+from shardkeep.proto.layout import DEFAULT_CHUNK, check_job_id, plan_layout
+from shardkeep.proto.leaves import pack_skeleton, unpack_skeleton
+from shardkeep.proto.manifest import Manifest, checksum, chunk_count, chunk_ranges
+from shardkeep.proto.transport import Channel
+
+from . import rng as rng_mod
+from .copier import ChunkHasher, copy_all, dst_view
+from .flatten import RNG_KEY, Flat, Restorer, flatten
+from .shm import Mapping, SlotMaps
+
+log = logging.getLogger("shardkeep.client")
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    step: int
+    status: Literal["committed", "skipped"]
+    level: Literal["local", "group"] | None
+    reason: str = ""
+
+
+@dataclass
+class RestoreInfo:
+    """What the last ``restore()`` did: ``snap.last_restore``."""
+
+    step: int | None
+    source: str | None                      # "local shm", or None when nothing was restored
+    fell_back_from: list[tuple[int, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        if self.step is None:
+            return "nothing restored: the daemon holds no version of this job"
+        fb = "".join(f"; fell back from step {s} ({why})" for s, why in self.fell_back_from)
+        return f"restored step {self.step} from {self.source} ({self.bytes} bytes in {self.seconds:.3f} s){fb}"
+
+
+@dataclass
+class Stats:
+    snapshots: int = 0
+    committed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    blocked_s: float = 0.0          # total time the training thread spent in shardkeep
+    last_copy_s: float = 0.0
+    last_commit_s: float = 0.0      # snapshot() call to local commit
+    registrations: int = 0
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def resolve_job(job: str | None) -> str:
+    if job is None:
+        job = os.environ.get("SHARDKEEP_JOB")
+    if job is None:
+        rid = os.environ.get("TORCHELASTIC_RUN_ID")
+        if rid and rid != "none":
+            job = rid
+    if job is None:
+        raise ValueError(
+            "no job id: pass Snapshotter(job=...), set SHARDKEEP_JOB, or run under torchrun with "
+            "--rdzv-id (a job id names one run; the same id after a restart resumes it)"
+        )
+    return check_job_id(job)
+
+
+@dataclass
+class _Pending:
+    flat: Flat
+    step: int
+    future: concurrent.futures.Future
+    early: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    torn: bool = False                # a hook stopped waiting: never commit this copy
+    t0: float = field(default_factory=time.perf_counter)
+    cuda_event: Any = None
+
+
+@dataclass
+class _Registration:
+    instance: str
+    session: str
+    data_capacity: int
+    manifest_capacity: int
+    slots: dict[int, dict]
+
+
+class Snapshotter:
+    """Snapshot a training state into the local shardkeep daemon every step, restore it after a crash.
+
+    ``snapshot(state, step)`` returns a ``Future`` at once; the copy runs in a
+    background thread and overlaps the next step's forward and backward.  The
+    forward pre-hook on each module in ``state`` waits for the buffers, the
+    optimizer's step pre-hook for parameters and optimizer state.  State that
+    changes in place elsewhere (EMA, manual edits) needs ``wait()`` first.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        job: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
+        local_world_size: int | None = None,
+        *,
+        durability: Literal["local", "group"] | None = None,
+        rng: bool = True,
+        timeout: float = DEFAULT_TIMEOUTS.client_request,
+        slots: int | None = None,
+    ) -> None:
+        self.socket = socket or default_socket()
+        self.job = resolve_job(job)
+        self.rank = _env_int("RANK", 0) if rank is None else rank
+        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+        self.local_rank = _env_int("LOCAL_RANK", self.rank) if local_rank is None else local_rank
+        lws = _env_int("LOCAL_WORLD_SIZE", None) if local_world_size is None else local_world_size
+        self.local_world_size = lws if lws is not None else self.world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise ValueError(f"local_world_size {self.local_world_size} is not in [1, {self.world_size}]")
+        if durability not in (None, "local", "group"):
+            raise ValueError(f"durability must be 'local' or 'group', not {durability!r}")
+        self.durability = durability or "group"
+        self.capture_rng = rng
+        self.timeout = timeout
+        self.slots = slots
+        self.stats = Stats()
+        self.last_restore: RestoreInfo | None = None
+
+        self._chan = Channel(self.socket, timeout=timeout)
+        self._maps = SlotMaps()
+        self._reg: _Registration | None = None
+        self._instance: str | None = None
+        self._pending: _Pending | None = None
+        self._hooked: dict[int, Any] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._faults = fault_plan()
+        self._cuda_stream = None
+        self._worker = threading.Thread(target=self._run, name=f"shardkeep-copy-{self.rank}", daemon=True)
+        self._worker.start()
+
+    # --- public API ----------------------------------------------------------------
+
+    def snapshot(self, state: dict, step: int) -> concurrent.futures.Future:
+        """Start a snapshot of ``state`` at ``step``; returns a Future of ``SnapshotResult``."""
+        if self._closed:
+            raise RuntimeError("Snapshotter is closed")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= wire.MAX_STEP:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        t0 = time.perf_counter()
+        self._wait_done()
+        flat = flatten(state, rng_mod.capture() if self.capture_rng else None)
+        self._install_hooks(flat)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        p = _Pending(flat, step, fut)
+        if any(t.is_cuda for t in flat.tensors):
+            p.cuda_event = torch.cuda.Event()
+            p.cuda_event.record()
+        self._pending = p
+        self.stats.snapshots += 1
+        self._queue.put(p)
+        self.stats.blocked_s += time.perf_counter() - t0
+        return fut
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the copy of the last snapshot is in shared memory."""
+        self._wait_done(timeout)
+
+    def versions(self) -> list[int]:
+        """Steps this job can restore from the local daemon, newest first."""
+        return list(self._request("versions", {"job": self.job, "rank": self.rank}).fields.get("restorable", []))
+
+    def restore(self, state: dict) -> int | None:
+        """Restore the newest version every rank can get back, in place; return its step or None.
+
+        With ``torch.distributed`` initialized this is collective: every rank must call it.
+        """
+        self._wait_done()
+        t0 = time.perf_counter()
+        reply = self._request("versions", {"job": self.job, "rank": self.rank})
+        candidates = [int(s) for s in reply.fields.get("restorable", [])]
+        candidates = _agree(candidates, self.job)
+        fell_back: list[tuple[int, str]] = []
+        restored: int | None = None
+        nbytes = 0
+        for step in candidates:
+            self._faults.hit(Phase.RESTORE)
+            try:
+                nbytes = self._restore_version(state, step)
+                ok = True
+            except IntegrityError as exc:
+                log.error("job %s rank %d: version %d failed verification: %s", self.job, self.rank, step, exc)
+                fell_back.append((step, str(exc)))
+                ok = False
+            if _all_ok(ok):
+                restored = step
+                break
+            if ok:
+                fell_back.append((step, "another rank's copy of this version failed verification"))
+        if restored is None:
+            if candidates:
+                raise IntegrityError(
+                    f"job {self.job!r} rank {self.rank}: no intact version to restore; tried "
+                    + "; ".join(f"step {s}: {why}" for s, why in fell_back),
+                    tried=[s for s, _ in fell_back],
+                )
+            self.last_restore = RestoreInfo(None, None, seconds=time.perf_counter() - t0)
+            log.info("job %s rank %d: nothing to restore", self.job, self.rank)
+            return None
+        self._request("resume", {"job": self.job, "rank": self.rank, "step": restored})
+        self.last_restore = RestoreInfo(restored, "local shm", fell_back, time.perf_counter() - t0, nbytes)
+        log.info("job %s rank %d: %s", self.job, self.rank, self.last_restore)
+        return restored
+
+    def close(self) -> None:
+        """Stop the background thread and remove hooks; the job's versions stay in the daemon."""
+        if self._closed:
+            return
+        try:
+            self._wait_done(self.timeout * 3)
+        except ShardkeepTimeoutError:
+            pass
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=self.timeout * 3)
+        for h in self._hooked.values():
+            h.remove()
+        self._hooked.clear()
+        self._chan.close()
+        self._maps.clear()
+
+    def finish(self) -> None:
+        """The run is over: free this job's memory on the daemon (every rank's versions)."""
+        self.close()
+        try:
+            Channel(self.socket, timeout=self.timeout).request("finish", {"job": self.job})
+        except NotFoundError:
+            pass
+
+    def __enter__(self) -> "Snapshotter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def _install_hooks(self, flat: Flat) -> None:
+        for m in flat.modules:
+            if id(m) not in self._hooked:
+                self._hooked[id(m)] = m.register_forward_pre_hook(lambda mod, args: self._wait_early())
+        for o in flat.optimizers:
+            if id(o) not in self._hooked:
+                self._hooked[id(o)] = o.register_step_pre_hook(lambda opt, args, kwargs: self._wait_hook())
+
+    def _wait_early(self) -> None:
+        p = self._pending
+        if p is not None and not p.early.is_set():
+            self._block_on(p, p.early)
+
+    def _wait_hook(self) -> None:
+        p = self._pending
+        if p is not None and not p.done.is_set():
+            self._block_on(p, p.done)
+
+    def _block_on(self, p: _Pending, ev: threading.Event, limit: float | None = None) -> None:
+        t0 = time.perf_counter()
+        limit = 3 * self.timeout if limit is None else limit
+        if not ev.wait(limit):
+            # never let training modify state under a copy that still runs: that copy is torn
+            p.torn = True
+            log.error("job %s rank %d: snapshot of step %d did not finish copying in %.0f s; it will be skipped",
+                      self.job, self.rank, p.step, limit)
+        self.stats.blocked_s += time.perf_counter() - t0
+
+    def _wait_done(self, timeout: float | None = None) -> None:
+        p = self._pending
+        if p is None or p.done.is_set():
+            return
+        self._block_on(p, p.done, timeout)
+        if not p.done.is_set():
+            raise ShardkeepTimeoutError(
+                f"copy of step {p.step} into shared memory did not finish in {timeout or 3 * self.timeout:.0f} s"
+            )
+
+    # --- background thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            p = self._queue.get()
+            if p is None:
+                return
+            try:
+                result = self._write(p)
+            except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                self.stats.failed += 1
+                p.early.set()
+                p.done.set()
+                p.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                continue
+            finally:
+                p.early.set()
+                p.done.set()
+            if result.status == "committed":
+                self.stats.committed += 1
+            else:
+                self.stats.skipped += 1
+            self.stats.last_commit_s = time.perf_counter() - p.t0
+            p.future.set_result(result)
+
+    def _request(self, mtype: str, fields: dict, payload: list | None = None) -> wire.Message:
+        reply = self._chan.request(mtype, fields, payload)
+        inst = reply.fields.get("instance")
+        if self._instance is not None and inst != self._instance:
+            log.warning("job %s rank %d: daemon restarted (instance %s -> %s); registering again",
+                        self.job, self.rank, self._instance, inst)
+            self._reg = None
+            self._maps.clear()
+        self._instance = inst
+        return reply
+
+    def _register(self, data_bytes: int, manifest_bytes: int) -> _Registration:
+        self._faults.hit(Phase.REGISTER)
+        fields = {
+            "job": self.job, "rank": self.rank, "world_size": self.world_size,
+            "local_world_size": self.local_world_size, "data_bytes": data_bytes,
+            "manifest_bytes": manifest_bytes, "pid": os.getpid(),
+        }
+        if self.slots:
+            fields["slots"] = self.slots
+        reply = self._request("register", fields)
+        slots = {int(s["id"]): s for s in reply.fields["slots"]}
+        usable = [s for s in slots.values() if s.get("usable")]
+        # map once, populated, off the training thread; reused by every later snapshot
+        for s in usable:
+            self._maps.get(s["name"], s["size"])
+        self._maps.keep_only({s["name"] for s in slots.values()})
+        self.stats.registrations += 1
+        return _Registration(
+            reply.fields["instance"], reply.fields["session"],
+            min(s["data_capacity"] for s in usable), min(s["manifest_capacity"] for s in usable), slots,
+        )
+
+    def _begin(self, p: _Pending, data_bytes: int, manifest_len: int) -> tuple[_Registration, int | None, str]:
+        for attempt in range(2):
+            reg = self._reg
+            if (reg is None or reg.instance != self._instance or data_bytes > reg.data_capacity
+                    or manifest_len > reg.manifest_capacity):
+                reg = self._reg = self._register(data_bytes, int(manifest_len * 1.25) + (64 << 10))
+            try:
+                r = self._request("begin", {"job": self.job, "rank": self.rank, "step": p.step,
+                                            "session": reg.session})
+            except (StaleSessionError, NotFoundError):
+                if attempt:
+                    raise
+                self._reg = None
+                continue
+            if "skip" in r.fields:
+                return reg, None, str(r.fields["skip"])
+            return reg, int(r.fields["slot"]), ""
+        raise AssertionError("unreachable")
+
+    def _write(self, p: _Pending) -> SnapshotResult:
+        flat = p.flat
+        specs = []
+        dtypes = []
+        for t, name in zip(flat.tensors, flat.names):
+            dtypes.append(t.dtype)
+            specs.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+        order = [i for i, late in enumerate(flat.late) if not late] + [i for i, late in enumerate(flat.late) if late]
+        entries, data_bytes = plan_layout(specs, order)
+        skeleton = pack_skeleton(flat.skeleton)
+        manifest = Manifest(
+            job=self.job, rank=self.rank, world_size=self.world_size, local_world_size=self.local_world_size,
+            step=p.step, history=0, tensors=entries, data_bytes=data_bytes,
+            checksums=[0] * chunk_count(data_bytes, DEFAULT_CHUNK), skeleton=skeleton,
+        )
+        est = len(manifest.encode()) + 64
+        reg, slot_id, why = self._begin(p, data_bytes, est)
+        if slot_id is None:
+            return SnapshotResult(p.step, "skipped", None, why)
+        desc = reg.slots[slot_id]
+        t_copy = time.perf_counter()
+        try:
+            mapping = self._maps.get(desc["name"], desc["size"])
+            self._copy(p, mapping, desc["data_offset"], entries, dtypes, order, data_bytes, manifest)
+        except BaseException as exc:
+            self._abort(reg, p.step, slot_id, f"copy failed: {type(exc).__name__}: {exc}")
+            raise
+        self.stats.last_copy_s = time.perf_counter() - t_copy
+        if p.torn:
+            self._abort(reg, p.step, slot_id, "training resumed before the copy finished")
+            return SnapshotResult(p.step, "skipped", None, "copy did not finish in time")
+        r = self._request(
+            "commit", {"job": self.job, "rank": self.rank, "step": p.step, "session": reg.session, "slot": slot_id},
+            [manifest.encode()],
+        )
+        if r.fields.get("status") != "committed":
+            return SnapshotResult(p.step, "skipped", None, str(r.fields.get("reason", "")))
+        return SnapshotResult(p.step, "committed", "local")
+
+    def _copy(self, p, mapping: Mapping, data_offset, entries, dtypes, order, data_bytes, manifest) -> None:
+        flat = p.flat
+        region = mapping.u8[data_offset : data_offset + max(data_bytes, 1)]
+        data = memoryview(mapping.mm)[data_offset : data_offset + data_bytes]
+        try:
+            hasher = ChunkHasher(data, data_bytes, manifest.chunk)
+            n_early = sum(1 for late in flat.late if not late)
+            n_late = len(order) - n_early
+            stream = None
+            if p.cuda_event is not None:
+                if self._cuda_stream is None:
+                    self._cuda_stream = torch.cuda.Stream()
+                stream = self._cuda_stream
+                stream.wait_event(p.cuda_event)
+
+            def after(pos: int) -> None:
+                if pos + 1 == n_early:
+                    p.early.set()
+                if pos + 1 == n_early + (n_late + 1) // 2:
+                    self._faults.hit(Phase.COPY)  # tests crash here: mid-copy, deterministically
+
+            if n_early == 0:
+                p.early.set()
+            copy_all(flat.tensors, entries, dtypes, region, hasher, order, after, stream)
+            if not order:
+                self._faults.hit(Phase.COPY)
+            manifest.checksums = hasher.finish()
+        finally:
+            data.release()
+
+    def _abort(self, reg: _Registration, step: int, slot_id: int, reason: str) -> None:
+        try:
+            self._request("abort", {"job": self.job, "rank": self.rank, "step": step, "session": reg.session,
+                                    "slot": slot_id, "reason": reason[:4000]})
+        except ShardkeepError as exc:
+            log.warning("abort of step %d failed: %s", step, exc)
+
+    # --- restore -------------------------------------------------------------------
+
+    def _restore_version(self, state: dict, step: int) -> int:
+        r = self._request("open", {"job": self.job, "rank": self.rank, "step": step})
+        pin = r.fields["pin"]
+        bad: str | None = None
+        try:
+            desc = r.fields["slot"]
+            mapping = self._maps.get(desc["name"], desc["size"])
+            moff, mlen = desc["manifest_offset"], int(r.fields["manifest_len"])
+            raw = bytes(mapping.mm[moff : moff + mlen])
+            if checksum(raw) != r.fields["manifest_xxh"]:
+                raise IntegrityError(f"manifest of step {step} does not match its checksum")
+            try:
+                m = Manifest.decode(raw, desc["data_capacity"])
+            except ProtocolError as exc:
+                raise IntegrityError(f"manifest of step {step} is unreadable: {exc}") from None
+            if (m.job, m.rank, m.step) != (self.job, self.rank, step):
+                raise IntegrityError(f"slot for step {step} holds job {m.job!r} rank {m.rank} step {m.step}")
+            doff = desc["data_offset"]
+            _verify_parallel(m, memoryview(mapping.mm)[doff : doff + m.data_bytes], f"step {step}")
+            try:
+                skeleton = unpack_skeleton(m.skeleton)
+            except ProtocolError as exc:
+                raise IntegrityError(f"non-tensor state of step {step} is unreadable: {exc}") from None
+            region = mapping.u8[doff : doff + max(m.data_bytes, 1)]
+            views = [dst_view(region, e, _torch_dtype(e.dtype)) for e in m.tensors]
+            rest = Restorer(views)
+            saved_rng = skeleton.pop(RNG_KEY, None) if isinstance(skeleton, dict) else None
+            if not isinstance(skeleton, dict):
+                raise IntegrityError(f"step {step}: saved state is not a map")
+            for key, saved in skeleton.items():
+                rest.into(state, key, saved, str(key))
+            if saved_rng is not None and self.capture_rng:
+                rng_mod.restore(rest.owned(saved_rng))
+            return m.data_bytes
+        except IntegrityError as exc:
+            bad = str(exc)
+            raise
+        finally:
+            fields = {"job": self.job, "rank": self.rank, "pin": pin}
+            if bad:
+                fields.update(bad=True, reason=bad[:4000])
+            try:
+                self._request("release", fields)
+            except ShardkeepError as exc:
+                log.warning("release of step %d failed: %s", step, exc)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise IntegrityError(f"unknown dtype {name!r} in manifest")
+    return dt
+
+
+_VERIFY_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _verify_parallel(m: Manifest, data: memoryview, where: str) -> None:
+    """Check every chunk before touching the user's tensors (xxh3 releases the GIL)."""
+    global _VERIFY_POOL
+    if _VERIFY_POOL is None:
+        _VERIFY_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                                             thread_name_prefix="shardkeep-verify")
+    ranges = list(chunk_ranges(m.data_bytes, m.chunk))
+    try:
+        n = max(1, len(ranges) // 32)
+        batches = [ranges[i : i + n] for i in range(0, len(ranges), n)]
+
+        def check(batch):
+            for i, a, b in batch:
+                if checksum(data[a:b]) != m.checksums[i]:
+                    return i, a, b
+            return None
+
+        for bad in _VERIFY_POOL.map(check, batches):
+            if bad is not None:
+                i, a, b = bad
+                raise IntegrityError(f"{where}: checksum mismatch in chunk {i} (bytes {a}..{b})", chunk=i)
+    finally:
+        data.release()
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _dist_device(dist) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _agree(candidates: list[int], job: str) -> list[int]:
+    """With torch.distributed: the versions every rank holds, newest first."""
+    dist = _dist()
+    if dist is None:
+        return candidates
+    n = 16
+    dev = _dist_device(dist)
+    mine = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    if candidates:
+        mine[: min(n, len(candidates))] = torch.tensor(candidates[:n], dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    sets = [set(x.tolist()) - {-1} for x in gathered]
+    common = sorted(set.intersection(*sets), reverse=True)
+    if not common and any(sets):
+        raise UnavailableError(
+            f"job {job!r}: the ranks hold no version in common, so none can be restored without mixing "
+            "versions: " + ", ".join(f"rank {r}: {sorted(s, reverse=True) or 'none'}" for r, s in enumerate(sets)),
+        )
+    return common
+
+
+def _all_ok(ok: bool) -> bool:
+    dist = _dist()
+    if dist is None:
+        return ok
+    t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_dist_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

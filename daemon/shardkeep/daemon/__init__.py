@@ -1,0 +1,1 @@
+"""shardkeep per-node daemon: shm arenas, versions, peers and the CLI."""

@@ -1,0 +1,231 @@
+"""Shared-memory slot segments: create, reserve, map, header and manifest I/O.
+
+Segments are plain files in /dev/shm created with ``os.open(O_CREAT|O_EXCL)``
+(never ``multiprocessing.shared_memory``, whose resource tracker unlinks a
+segment when any process that attached it exits), mode 0600, reserved with
+``posix_fallocate`` so that a full tmpfs is an error here and never a SIGBUS
+in the middle of a trainer's copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from shardkeep.proto.errors import CapacityError, IntegrityError
+from shardkeep.proto.manifest import Manifest, checksum
+from shardkeep.proto.slotfile import (
+    HEADER_SIZE,
+    STATE_COMMITTED,
+    STATE_FREE,
+    STATE_WRITING,
+    SlotHeader,
+    geometry,
+)
+
+SHM_DIR = "/dev/shm"
+
+STATE_NAMES = {STATE_FREE: "free", STATE_WRITING: "writing", STATE_COMMITTED: "committed"}
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int
+    name: str
+    header: SlotHeader
+    fd: int
+    mm: mmap.mmap
+    pins: dict[str, float] = field(default_factory=dict)  # pin token -> lease expiry
+    manifest: Manifest | None = None
+    begun_at: float = 0.0
+    drop_when_unpinned: bool = False
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
+
+    @property
+    def state(self) -> int:
+        return self.header.state
+
+    @property
+    def step(self) -> int:
+        return self.header.step
+
+    @property
+    def size(self) -> int:
+        return self.header.slot_size
+
+    @property
+    def data_capacity(self) -> int:
+        return self.header.data_capacity
+
+    @property
+    def manifest_capacity(self) -> int:
+        return self.header.manifest_capacity
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.pins)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "data_offset": self.header.data_offset,
+            "data_capacity": self.data_capacity,
+            "manifest_offset": self.header.manifest_offset,
+            "manifest_capacity": self.manifest_capacity,
+        }
+
+    # --- header and manifest (daemon-owned regions) ---------------------------------
+
+    def write_header(self) -> None:
+        raw = self.header.pack()
+        self.mm[: len(raw)] = raw
+
+    def mark_writing(self, step: int) -> None:
+        self.header.state = STATE_WRITING
+        self.header.step = step
+        self.header.manifest_len = 0
+        self.manifest = None
+        self.write_header()
+        self.begun_at = time.monotonic()
+
+    def mark_free(self) -> None:
+        self.header.state = STATE_FREE
+        self.header.step = -1
+        self.header.manifest_len = 0
+        self.manifest = None
+        self.write_header()
+
+    def commit(self, manifest: Manifest, encoded: bytes, commit_seq: int) -> None:
+        """Manifest first, header last: a crash in between leaves a non-committed slot."""
+        if len(encoded) > self.manifest_capacity:
+            raise CapacityError(
+                f"manifest of {len(encoded)} bytes exceeds the slot's {self.manifest_capacity}; "
+                "register again with a larger manifest_bytes"
+            )
+        off = self.header.manifest_offset
+        self.mm[off : off + len(encoded)] = encoded
+        self.header.manifest_len = len(encoded)
+        self.header.manifest_xxh = checksum(encoded)
+        self.header.step = manifest.step
+        self.header.history = manifest.history
+        self.header.commit_seq = commit_seq
+        self.header.state = STATE_COMMITTED
+        self.write_header()
+        self.manifest = manifest
+
+    def read_manifest(self) -> Manifest:
+        h = self.header
+        raw = self.mm[h.manifest_offset : h.manifest_offset + h.manifest_len]
+        if checksum(raw) != h.manifest_xxh:
+            raise IntegrityError(f"slot {self.name}: manifest checksum mismatch")
+        m = Manifest.decode(raw, h.data_capacity)
+        if m.job != h.job or m.rank != h.rank or m.step != h.step:
+            raise IntegrityError(f"slot {self.name}: manifest disagrees with its header")
+        return m
+
+    def data_view(self) -> memoryview:
+        h = self.header
+        return memoryview(self.mm)[h.data_offset : h.data_offset + h.data_capacity]
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a verification view is still alive; the mapping goes with the process
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def destroy(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def segment_name(prefix: str, job: str, rank: int) -> str:
+    return f"{prefix}-{job}-r{rank}-{secrets.token_hex(4)}"
+
+
+def create_slot(
+    slot_id: int, prefix: str, job: str, rank: int, data_capacity: int, manifest_capacity: int
+) -> Slot:
+    """Create and fully reserve a segment (blocking: run it off the event loop)."""
+    moff, doff, size = geometry(data_capacity, manifest_capacity)
+    name = segment_name(prefix, job, rank)
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        try:
+            # allocates every tmpfs page now: ENOSPC here, never SIGBUS in a copy later
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                raise CapacityError(
+                    f"cannot reserve {size} bytes in {SHM_DIR} for job {job!r} rank {rank}: "
+                    f"{os.strerror(exc.errno)}",
+                    needed=size,
+                ) from None
+            raise
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    header = SlotHeader(
+        state=STATE_FREE, slot_size=size, data_offset=doff, data_capacity=size - doff,
+        manifest_offset=moff, manifest_capacity=doff - moff, rank=rank, job=job,
+    )
+    slot = Slot(slot_id, name, header, fd, mm)
+    slot.write_header()
+    return slot
+
+
+def open_existing(slot_id: int, name: str) -> Slot:
+    """Open a segment found at start-up; raise ``IntegrityError`` if it is not a sane slot."""
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise IntegrityError(f"{path} is owned by uid {st.st_uid}, not the daemon's")
+        if st.st_size < HEADER_SIZE + 4096:
+            raise IntegrityError(f"{path} is too small to be a slot")
+        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        header = SlotHeader.unpack(mm[:HEADER_SIZE], path)
+        if header.slot_size != st.st_size:
+            raise IntegrityError(f"{path}: header size {header.slot_size} != file size {st.st_size}")
+    except BaseException:
+        mm.close()
+        os.close(fd)
+        raise
+    return Slot(slot_id, name, header, fd, mm)
+
+
+def verify_slot(slot: Slot) -> Manifest:
+    """Full check of a committed slot: manifest checksum and every data chunk (blocking)."""
+    from shardkeep.proto.manifest import verify_data
+
+    m = slot.read_manifest()
+    view = slot.data_view()
+    try:
+        verify_data(m, view, f"slot {slot.name}")
+    finally:
+        view.release()
+    return m

@@ -1,0 +1,133 @@
+"""``shardkeep`` and ``shardkeepd`` command lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from shardkeep.proto.config import default_socket
+from shardkeep.proto.errors import ShardkeepError
+from shardkeep.proto.sizes import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=None,
+                   help="ipc socket path for trainers (default: $SHARDKEEP_SOCKET, else %(default)s)"
+                   .replace("%(default)s", default_socket()))
+    p.add_argument("--shm-prefix", default=os.environ.get("SHARDKEEP_SHM_PREFIX", "shardkeep"),
+                   help="name prefix of this daemon's /dev/shm segments (default: %(default)s)")
+    p.add_argument("--memory-limit", type=_size, default=os.environ.get("SHARDKEEP_MEMORY_LIMIT"),
+                   help="most shared memory to hold, e.g. 8GB, 8GiB, 512MB (default: no limit "
+                        "beyond /dev/shm free space and MemAvailable)")
+    p.add_argument("--state-dir", default=os.environ.get("SHARDKEEP_STATE_DIR", ""),
+                   help="daemon state directory (default: /var/lib/shardkeep/PREFIX for root, "
+                        "else ~/.local/state/shardkeep/PREFIX)")
+    p.add_argument("--slots", type=int, default=2, help="shm slots per (job, rank), 2..8 (default: 2)")
+    p.add_argument("--log-level", default=os.environ.get("SHARDKEEP_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .config import DaemonConfig
+    from .server import run_daemon
+
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    mem = args.memory_limit
+    cfg = DaemonConfig(
+        socket=args.socket or default_socket(),
+        shm_prefix=args.shm_prefix,
+        memory_limit=_size(mem) if isinstance(mem, str) else mem,
+        state_dir=args.state_dir,
+        slots=args.slots,
+        log_level=args.log_level,
+    )
+    try:
+        cfg.validate()
+        run_daemon(cfg)
+    except (ShardkeepError, ValueError) as exc:
+        print(f"shardkeepd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shardkeep.proto.transport import Channel
+
+    from .status import render_status
+
+    try:
+        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request(
+            "status", {"job": args.job} if args.job else None
+        )
+    except ShardkeepError as exc:
+        print(f"shardkeep status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(reply.fields, sys.stdout, indent=2, sort_keys=True, default=str)
+        print()
+    else:
+        render_status(reply.fields)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardkeep",
+        description="In-memory fault tolerance for PyTorch training: snapshot every step, restore in under a second.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("daemon", help="run the per-node daemon (same as shardkeepd)")
+    add_daemon_args(p)
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="show jobs, ranks, versions and memory of a daemon")
+    p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--job", default=None, help="only this job")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default: 5)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="train, kill, restore and compare bitwise against an uninterrupted run")
+    p.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
+    p.add_argument("--kill-at", type=int, default=None, help="step at which to SIGKILL the trainer (default: random)")
+    p.add_argument("--size", type=_size, default=_size("64MB"),
+                   help="approximate model + optimizer state size (default: 64MB)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the kill step (default: random)")
+    p.add_argument("--keep", action="store_true", help="leave the daemon running to inspect with shardkeep status")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardkeepd", description="shardkeep per-node daemon")
+    add_daemon_args(parser)
+    return cmd_daemon(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

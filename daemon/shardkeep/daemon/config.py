@@ -1,0 +1,37 @@
+"""The daemon's configuration: one dataclass; CLI flags map onto it in cli.py."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from shardkeep.proto.config import DEFAULT_SLOTS, Timeouts, default_socket
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,47}$")
+
+
+@dataclass
+class DaemonConfig:
+    socket: str = field(default_factory=default_socket)
+    shm_prefix: str = "shardkeep"
+    memory_limit: int | None = None
+    state_dir: str = ""
+    slots: int = DEFAULT_SLOTS
+    log_level: str = "INFO"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def validate(self) -> "DaemonConfig":
+        if not _PREFIX_RE.match(self.shm_prefix):
+            raise ValueError(
+                f"shm_prefix {self.shm_prefix!r}: 1-48 characters of A-Z a-z 0-9 _, "
+                "starting with a letter or digit"
+            )
+        if not 2 <= self.slots <= 8:
+            raise ValueError(f"slots must be 2..8, got {self.slots}")
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise ValueError(f"memory_limit must be positive, got {self.memory_limit}")
+        if not self.state_dir:
+            base = "/var/lib/shardkeep" if os.geteuid() == 0 else os.path.expanduser("~/.local/state/shardkeep")
+            self.state_dir = os.path.join(base, self.shm_prefix)
+        return self

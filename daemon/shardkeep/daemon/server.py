@@ -1,0 +1,472 @@
+"""The daemon's control plane: an asyncio loop serving trainers on an ipc ROUTER socket.
+
+Handlers change state synchronously (no await between a check and its update);
+blocking work (reserving segments, verifying checksums) runs in a thread pool,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket as pysocket
+import stat
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shardkeep.proto import wire
+from shardkeep.proto.errors import (
+    CapacityError,
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    ShardkeepError,
+    UnavailableError,
+)
+from shardkeep.proto.faults import Phase, plan as fault_plan
+from shardkeep.proto.manifest import Manifest
+from shardkeep.proto.slotfile import STATE_COMMITTED, STATE_WRITING, geometry
+from shardkeep.proto.transport import ipc_endpoint
+
+from . import admission
+from .arena import SHM_DIR, Slot, create_slot, open_existing, verify_slot
+from .config import DaemonConfig
+from .jobs import JobState
+
+log = logging.getLogger("shardkeep.daemon")
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg.validate()
+        self.instance = secrets.token_hex(8)
+        self.jobs: dict[str, JobState] = {}
+        self._job_locks: dict[str, asyncio.Lock] = {}
+        self._slot_ids = 0
+        self._commit_seq = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-io")
+        self._stop: asyncio.Event | None = None
+        self._lockfds: list[int] = []
+        self.started = time.time()
+        self.errors = 0
+        self.adopted = 0
+        self.dropped_bad = 0
+        self.faults = fault_plan()
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def _next_slot_id(self) -> int:
+        self._slot_ids += 1
+        return self._slot_ids
+
+    def _lock(self) -> None:
+        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        for path in (os.path.join(self.cfg.state_dir, "daemon.lock"),
+                     os.path.join(SHM_DIR, f"{self.cfg.shm_prefix}.lock")):
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UnavailableError(f"another shardkeep daemon holds {path}") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._lockfds.append(fd)
+
+    def _segment_names(self) -> list[str]:
+        head = f"{self.cfg.shm_prefix}-"
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(head))
+
+    async def adopt(self) -> None:
+        """Re-adopt committed slots left by an earlier daemon; drop anything unverifiable."""
+        loop = asyncio.get_running_loop()
+        found: list[tuple[Slot, Manifest]] = []
+        for name in self._segment_names():
+            try:
+                slot = open_existing(self._next_slot_id(), name)
+            except (OSError, IntegrityError) as exc:
+                log.warning("dropping segment %s: %s", name, exc)
+                self.dropped_bad += 1
+                _unlink(name)
+                continue
+            if slot.state != STATE_COMMITTED:
+                slot.destroy()  # free or half-written: nothing to keep
+                continue
+            try:
+                m = await loop.run_in_executor(self._pool, verify_slot, slot)
+            except (IntegrityError, ProtocolError) as exc:
+                log.error("dropping bad slot %s (job %s rank %d step %d): %s",
+                          name, slot.header.job, slot.header.rank, slot.step, exc)
+                self.dropped_bad += 1
+                slot.destroy()
+                continue
+            slot.manifest = m
+            found.append((slot, m))
+        for slot, m in found:
+            job = self.jobs.get(m.job)
+            if job is None:
+                job = self.jobs[m.job] = JobState(m.job, m.world_size, m.local_world_size, history=m.history)
+            job.history = max(job.history, m.history)
+            job.rank_state(m.rank).slots.append(slot)
+            self._commit_seq = max(self._commit_seq, slot.header.commit_seq)
+        for job in self.jobs.values():
+            # versions of an older history survive only if a reader had them pinned: drop them
+            steps: dict[int, set[int]] = {}
+            for rs in job.ranks.values():
+                for s in list(rs.slots):
+                    if s.header.history != job.history:
+                        s.destroy()
+                        rs.slots.remove(s)
+                        continue
+                    steps.setdefault(s.step, set()).add(rs.rank)
+            need = set(job.local_ranks())
+            job.recorded = sorted(st for st, rk in steps.items() if rk >= need)[-16:]
+            n = sum(len(rs.slots) for rs in job.ranks.values())
+            self.adopted += n
+            log.info("adopted job %s: %d slots, restorable steps %s", job.job, n, job.restorable())
+
+    def _bind(self) -> zmq.asyncio.Socket:
+        path = os.path.abspath(self.cfg.socket)
+        d = os.path.dirname(path)
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+        else:
+            st = os.stat(d)
+            if st.st_mode & 0o077 and not st.st_mode & stat.S_ISVTX:
+                log.warning("socket directory %s is accessible to others (mode %o)", d, st.st_mode & 0o777)
+        if os.path.exists(path):
+            if _daemon_alive(path):
+                raise UnavailableError(f"a shardkeep daemon is already serving {path}")
+            os.unlink(path)
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PAYLOAD_BYTES + wire.MAX_HEADER_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 4096)
+        old = os.umask(0o177)
+        try:
+            sock.bind(ipc_endpoint(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        return sock
+
+    async def run(self) -> None:
+        self._lock()
+        await self.adopt()
+        sock = self._bind()
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("shardkeepd %s serving %s (prefix %s, pid %d, %d jobs adopted)",
+                 self.instance, self.cfg.socket, self.cfg.shm_prefix, os.getpid(), len(self.jobs))
+        reader = asyncio.create_task(self._serve(sock))
+        janitor = asyncio.create_task(self._janitor())
+        await self._stop.wait()
+        reader.cancel()
+        janitor.cancel()
+        await asyncio.gather(reader, janitor, return_exceptions=True)
+        sock.close(linger=0)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Free slots go; committed versions stay in /dev/shm for the next daemon."""
+        try:
+            os.unlink(os.path.abspath(self.cfg.socket))
+        except FileNotFoundError:
+            pass
+        kept = 0
+        for job in self.jobs.values():
+            for s in job.all_slots():
+                if s.state == STATE_COMMITTED:
+                    kept += 1
+                    s.close()
+                else:
+                    s.destroy()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("shardkeepd %s stopped; %d committed slots left for re-adoption", self.instance, kept)
+
+    async def _janitor(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            now = time.monotonic()
+            for job in self.jobs.values():
+                for s in job.all_slots():
+                    for token, expiry in list(s.pins.items()):
+                        if expiry < now:
+                            log.warning("restore pin %s on %s expired", token, s.name)
+                            self._unpin(job, s, token)
+
+    # --- serving -----------------------------------------------------------------
+
+    async def _serve(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue
+            ident, body = frames[0], frames[1:]
+            envelope = [ident]
+            if len(body) > 1 and len(body[0]) == 0:  # a REQ client's empty delimiter
+                envelope.append(body[0])
+                body = body[1:]
+            try:
+                msg = wire.decode_request(body)
+            except ProtocolError as exc:
+                self.errors += 1
+                log.warning("rejected message: %s", exc)
+                await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), exc, self.instance))
+                continue
+            if msg.type == "register":
+                asyncio.create_task(self._reply_async(sock, envelope, msg))
+            else:
+                reply = self._handle_sync(msg)
+                await sock.send_multipart(envelope + reply, copy=False)
+
+    async def _reply_async(self, sock, envelope, msg: wire.Message) -> None:
+        try:
+            fields = await self.h_register(msg.fields)
+            reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance})
+        except ShardkeepError as exc:
+            reply = self._error(msg, exc)
+        except Exception as exc:  # never let one request take the daemon down
+            log.exception("register failed")
+            reply = self._error(msg, ShardkeepError(f"internal error: {type(exc).__name__}: {exc}"))
+        await sock.send_multipart(envelope + reply, copy=False)
+
+    def _error(self, msg: wire.Message, exc: ShardkeepError) -> list:
+        self.errors += 1
+        log.warning("%s failed: %s: %s", msg.type, type(exc).__name__, exc)
+        return wire.encode_error(msg.id, exc, self.instance)
+
+    def _handle_sync(self, msg: wire.Message) -> list:
+        handler = getattr(self, f"h_{msg.type}")
+        try:
+            result = handler(msg.fields, msg.payload)
+        except ShardkeepError as exc:
+            return self._error(msg, exc)
+        except Exception as exc:
+            log.exception("%s failed", msg.type)
+            return self._error(msg, ShardkeepError(f"internal error: {type(exc).__name__}: {exc}"))
+        fields, payload = result if isinstance(result, tuple) else (result, [])
+        return wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance}, payload)
+
+    def _job(self, job: str) -> JobState:
+        j = self.jobs.get(job)
+        if j is None:
+            raise NotFoundError(f"no job {job!r} on this daemon")
+        return j
+
+    def used_bytes(self) -> int:
+        return sum(j.bytes() for j in self.jobs.values())
+
+    # --- handlers ----------------------------------------------------------------
+
+    async def h_register(self, f: dict[str, Any]) -> dict[str, Any]:
+        name, rank = f["job"], f["rank"]
+        if rank >= f["world_size"]:
+            raise ProtocolError(f"rank {rank} is not below world_size {f['world_size']}")
+        lock = self._job_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            self.faults.hit(Phase.REGISTER)
+            job = self.jobs.get(name)
+            if job is None:
+                job = self.jobs[name] = JobState(name, f["world_size"], f["local_world_size"])
+            job.world_size, job.local_world_size = f["world_size"], f["local_world_size"]
+            rs = job.rank_state(rank)
+            session = job.new_session(rank)
+            rs.need_data, rs.need_manifest, rs.pid = f["data_bytes"], f["manifest_bytes"], f.get("pid", 0)
+            protected = job.protected_step()
+            for s in list(rs.slots):  # too small, and nobody needs its contents
+                if not rs.usable(s) and not s.pinned and not (s.state == STATE_COMMITTED and s.step == protected):
+                    s.destroy()
+                    rs.slots.remove(s)
+            usable = [s for s in rs.slots if rs.usable(s)]
+            count = max(0, f.get("slots", self.cfg.slots) - len(usable))
+            if count and f["data_bytes"] > 0:
+                size = geometry(f["data_bytes"], f["manifest_bytes"])[2]
+                admission.admit(count * size, self.cfg.memory_limit, self.used_bytes(),
+                                f"job {name!r} rank {rank} ({count} slots of {size} bytes)")
+                loop = asyncio.get_running_loop()
+                for _ in range(count):
+                    slot = await loop.run_in_executor(
+                        self._pool, create_slot, self._next_slot_id(), self.cfg.shm_prefix, name, rank,
+                        f["data_bytes"], f["manifest_bytes"],
+                    )
+                    if rs.session != session:  # re-registered meanwhile by a newer process
+                        slot.destroy()
+                        raise UnavailableError(f"job {name!r} rank {rank} was registered again meanwhile")
+                    rs.slots.append(slot)
+            log.info("registered job %s rank %d/%d (local %d): %d slots, %d bytes of data each",
+                     name, rank, job.world_size, job.local_world_size, len(rs.slots), f["data_bytes"])
+            return {
+                "session": session,
+                "history": job.history,
+                "slots": [dict(s.describe(), usable=rs.usable(s)) for s in rs.slots],
+            }
+
+    def h_begin(self, f, payload):
+        job = self._job(f["job"])
+        slot, why = job.begin(f["rank"], f["session"], f["step"])
+        if slot is None:
+            log.info("job %s rank %d step %d skipped: %s", job.job, f["rank"], f["step"], why)
+            return {"skip": why}
+        return {"slot": slot.id, "history": job.history}
+
+    def h_commit(self, f, payload):
+        job = self._job(f["job"])
+        rank, step = f["rank"], f["step"]
+        job.check_session(rank, f["session"])
+        slot = job.slot_by_id(rank, f["slot"])
+        if slot.state != STATE_WRITING or slot.step != step:
+            if step in job.aborted:
+                return {"status": "skipped", "reason": job.aborted[step]}
+            raise ProtocolError(f"slot {slot.id} is not being written for step {step}")
+        if self.faults.hit(Phase.LOCAL_COMMIT) == "drop":
+            return {"status": "skipped", "reason": "dropped by fault injection"}
+        if not payload:
+            raise ProtocolError("commit carries no manifest frame")
+        raw = payload[0].bytes if hasattr(payload[0], "bytes") else bytes(payload[0])
+        m = Manifest.decode(raw, slot.data_capacity)
+        if (m.job, m.rank, m.step) != (job.job, rank, step):
+            raise ProtocolError("manifest names another job, rank or step than the commit")
+        m.history = job.history
+        m.world_size, m.local_world_size = job.world_size, job.local_world_size
+        m.created = time.time()
+        self._commit_seq += 1
+        slot.header.history = job.history
+        slot.commit(m, m.encode(), self._commit_seq)
+        recorded = job.commit(rank, step, slot)
+        if slot.state != STATE_COMMITTED:
+            return {"status": "skipped", "reason": job.aborted.get(step, "aborted")}
+        return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history}
+
+    def h_abort(self, f, payload):
+        job = self._job(f["job"])
+        job.check_session(f["rank"], f["session"])
+        slot = job.slot_by_id(f["rank"], f["slot"])
+        if slot.state == STATE_WRITING and slot.step == f["step"]:
+            slot.mark_free()
+        job.abort_step(f["step"], f"rank {f['rank']} aborted: {f.get('reason', 'client error')}")
+        return {}
+
+    def h_versions(self, f, payload):
+        job = self.jobs.get(f["job"])
+        if job is None:
+            return {"restorable": [], "history": 0, "exists": False}
+        out: dict[str, Any] = {"restorable": job.restorable(), "history": job.history, "exists": True,
+                               "world_size": job.world_size, "local_world_size": job.local_world_size}
+        if "rank" in f:
+            rs = job.ranks.get(f["rank"])
+            out["rank_steps"] = sorted(rs.committed()) if rs else []
+        return out
+
+    def h_open(self, f, payload):
+        job = self._job(f["job"])
+        slot = job.find(f["rank"], f["step"])
+        token = secrets.token_hex(8)
+        slot.pins[token] = time.monotonic() + self.cfg.timeouts.pin_lease
+        h = slot.header
+        return {
+            "pin": token, "step": slot.step, "history": h.history, "slot": slot.describe(),
+            "manifest_len": h.manifest_len, "manifest_xxh": h.manifest_xxh,
+        }
+
+    def _unpin(self, job: JobState, slot: Slot, token: str) -> None:
+        slot.pins.pop(token, None)
+        if not slot.pins and slot.drop_when_unpinned:
+            slot.drop_when_unpinned = False
+            if slot.state == STATE_COMMITTED:
+                slot.mark_free()
+
+    def h_release(self, f, payload):
+        job = self._job(f["job"])
+        rs = job.ranks.get(f["rank"])
+        slot = next((s for s in (rs.slots if rs else ()) if f["pin"] in s.pins), None)
+        if slot is None:
+            raise NotFoundError(f"no restore pin {f['pin']} for job {job.job!r} rank {f['rank']}")
+        if f.get("bad"):
+            self.dropped_bad += 1
+            log.error("job %s rank %d step %d reported bad by a reader (%s): dropped",
+                      job.job, f["rank"], slot.step, f.get("reason", ""))
+            job.recorded = [v for v in job.recorded if v != slot.step]
+            slot.drop_when_unpinned = True
+        self._unpin(job, slot, f["pin"])
+        return {}
+
+    def h_resume(self, f, payload):
+        job = self._job(f["job"])
+        step = f["step"]
+        if any(s.state == STATE_COMMITTED and s.step > step for s in job.all_slots()):
+            job.start_history(f"rank {f['rank']} resumed from step {step}", keep=lambda v: v <= step)
+        return {"history": job.history}
+
+    def h_finish(self, f, payload):
+        job = self._job(f["job"])
+        n = len(job.all_slots())
+        for s in job.all_slots():
+            s.destroy()
+        del self.jobs[job.job]
+        log.info("job %s finished: %d slots freed", job.job, n)
+        return {"freed_slots": n}
+
+    def h_ping(self, f, payload):
+        return {"pid": os.getpid()}
+
+    def h_status(self, f, payload):
+        jobs = [j.describe() for n, j in sorted(self.jobs.items()) if "job" not in f or n == f["job"]]
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "socket": self.cfg.socket,
+            "shm_prefix": self.cfg.shm_prefix,
+            "protocol": wire.PROTOCOL_VERSION,
+            "memory": {
+                "used": self.used_bytes(),
+                "limit": self.cfg.memory_limit,
+                "headroom": {h.name: h.free for h in admission.headrooms(self.cfg.memory_limit, self.used_bytes())},
+            },
+            "errors": self.errors,
+            "adopted_slots": self.adopted,
+            "dropped_bad_slots": self.dropped_bad,
+            "jobs": jobs,
+        }
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except OSError:
+        pass
+
+
+def _daemon_alive(path: str) -> bool:
+    """Is something listening on this unix socket? (A crashed daemon leaves a dead file.)"""
+    s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def run_daemon(cfg: DaemonConfig) -> None:
+    daemon = Daemon(cfg)
+    try:
+        import uvloop  # type: ignore
+    except ImportError:
+        asyncio.run(daemon.run())
+    else:
+        uvloop.run(daemon.run())

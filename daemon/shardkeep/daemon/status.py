@@ -1,0 +1,50 @@
+"""Human rendering of a daemon's status reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shardkeep.proto.sizes import format_size
+
+
+def render_status(st: dict[str, Any]) -> None:
+    console = Console()
+    mem = st.get("memory", {})
+    limit = mem.get("limit")
+    console.print(
+        f"[bold]shardkeepd[/bold] pid {st.get('pid')}  instance {st.get('instance')}  "
+        f"up {st.get('uptime_s')} s  socket {st.get('socket')}  prefix {st.get('shm_prefix')}"
+    )
+    console.print(
+        f"memory: {format_size(mem.get('used', 0))} used"
+        + (f" of {format_size(limit)}" if limit else "")
+        + "; headroom: "
+        + ", ".join(f"{k}: {format_size(v)}" for k, v in mem.get("headroom", {}).items())
+    )
+    console.print(
+        f"errors {st.get('errors', 0)}, slots adopted {st.get('adopted_slots', 0)}, "
+        f"bad slots dropped {st.get('dropped_bad_slots', 0)}"
+    )
+    jobs = st.get("jobs", [])
+    if not jobs:
+        console.print("no jobs")
+        return
+    table = Table(title="jobs")
+    for col in ("job", "ranks", "newest restorable", "restorable steps", "commits", "skips", "memory", "idle"):
+        table.add_column(col)
+    for j in jobs:
+        ranks = j.get("ranks", {})
+        table.add_row(
+            j["job"],
+            f"{len(ranks)}/{j.get('local_world_size')} local, world {j.get('world_size')}",
+            str(j.get("newest")),
+            ", ".join(map(str, j.get("restorable", []))),
+            str(j.get("commits")),
+            str(j.get("skips")),
+            format_size(j.get("bytes", 0)),
+            f"{j.get('idle_s')} s",
+        )
+    console.print(table)

@@ -1,0 +1,106 @@
+"""Fault injection at named protocol phases, for tests only.
+
+Enabled only when ``SHARDKEEP_TEST_FAULTS_ENABLE=1`` is in the environment at
+start (production never sets it).  ``SHARDKEEP_FAULTS`` then holds rules
+``phase:action[:occurrence[:arg]]`` separated by commas, e.g. ``copy:crash:3``
+(SIGKILL of this process the 3rd time it reaches the copy phase) or
+``local-commit:delay:1:2.5``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+
+class Phase(str, enum.Enum):
+    REGISTER = "register"
+    COPY = "copy"
+    LOCAL_COMMIT = "local-commit"
+    CHUNK_SEND = "chunk-send"
+    ENCODE = "encode"
+    PARITY_STORE = "parity-store"
+    ACK = "ack"
+    GROUP_COMMIT = "group-commit"
+    RELEASE = "release"
+    RESTORE = "restore"
+    REBUILD = "rebuild"
+    PERSIST = "persist"
+    PERSIST_COMMIT = "persist-commit"
+
+
+ACTIONS = ("crash", "hang", "delay", "drop", "raise")
+
+
+class FaultInjected(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Rule:
+    phase: Phase
+    action: str
+    occurrence: int = 1
+    arg: float = 0.0
+
+
+class FaultPlan:
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self._counts: dict[Phase, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "FaultPlan":
+        env = os.environ if env is None else env
+        text = env.get("SHARDKEEP_FAULTS", "")
+        if not text:
+            return cls([])
+        if env.get("SHARDKEEP_TEST_FAULTS_ENABLE") != "1":
+            raise RuntimeError("SHARDKEEP_FAULTS is set but fault injection is not enabled for tests")
+        rules = []
+        for part in text.split(","):
+            bits = part.strip().split(":")
+            if len(bits) < 2 or bits[1] not in ACTIONS:
+                raise ValueError(f"bad fault rule {part!r}: phase:action[:occurrence[:arg]]")
+            rules.append(
+                Rule(Phase(bits[0]), bits[1], int(bits[2]) if len(bits) > 2 else 1,
+                     float(bits[3]) if len(bits) > 3 else 0.0)
+            )
+        return cls(rules)
+
+    def hit(self, phase: Phase) -> str | None:
+        """Count one arrival at ``phase``; act if a rule matches. Returns 'drop' to drop."""
+        if not self.rules:
+            return None
+        with self._lock:
+            n = self._counts.get(phase, 0) + 1
+            self._counts[phase] = n
+        for r in self.rules:
+            if r.phase is phase and r.occurrence == n:
+                if r.action == "crash":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                    time.sleep(60)
+                elif r.action == "hang":
+                    time.sleep(r.arg or 3600)
+                elif r.action == "delay":
+                    time.sleep(r.arg)
+                elif r.action == "raise":
+                    raise FaultInjected(f"fault injected at {phase.value} #{n}")
+                elif r.action == "drop":
+                    return "drop"
+        return None
+
+
+_PLAN: FaultPlan | None = None
+
+
+def plan() -> FaultPlan:
+    global _PLAN
+    if _PLAN is None:
+        _PLAN = FaultPlan.from_env()
+    return _PLAN
