@@ -147,7 +147,7 @@ class Restorer:
         """A value the user may keep: tensors are copied out of shm."""
         if isinstance(saved, TensorRef):
             v = self.views[saved.index]
-            if isinstance(like, torch.Tensor) and like.shape == v.shape and like.dtype == v.dtype:
+            if isinstance(like, torch.Tensor) and like.shape == v.shape and like.dtype == v.dtype and not _overlapping(like):
                 with torch.no_grad():
                     like.copy_(v)
                 return like
@@ -199,7 +199,7 @@ class Restorer:
             )
         if isinstance(cur, torch.Tensor) and isinstance(saved, TensorRef):
             v = self.views[saved.index]
-            if cur.shape == v.shape and cur.dtype == v.dtype:
+            if cur.shape == v.shape and cur.dtype == v.dtype and not _overlapping(cur):
                 with torch.no_grad():
                     cur.copy_(v)
                 return
@@ -230,3 +230,8 @@ def _current_state(obj: Any) -> Any:
         return obj.state_dict()
     except Exception:
         return None
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Expanded tensors (a stride of 0) cannot be written element by element."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))

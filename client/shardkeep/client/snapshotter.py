@@ -107,7 +107,11 @@ class _Pending:
     future: concurrent.futures.Future
     early: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-    torn: bool = False                # a hook stopped waiting: never commit this copy
+    started: threading.Event = field(default_factory=threading.Event)  # copy began (or never will)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    copying: bool = False
+    cancelled: bool = False           # training went on before the copy began: skip this step
+    torn: bool = False                # a hook stopped waiting mid-copy: never commit this copy
     t0: float = field(default_factory=time.perf_counter)
     cuda_event: Any = None
 
@@ -144,6 +148,7 @@ class Snapshotter:
         rng: bool = True,
         timeout: float = DEFAULT_TIMEOUTS.client_request,
         slots: int | None = None,
+        max_stall: float = 1.0,
     ) -> None:
         self.socket = socket or default_socket()
         self.job = resolve_job(job)
@@ -162,6 +167,7 @@ class Snapshotter:
         self.capture_rng = rng
         self.timeout = timeout
         self.slots = slots
+        self.max_stall = max_stall
         self.stats = Stats()
         self.last_restore: RestoreInfo | None = None
 
@@ -175,6 +181,7 @@ class Snapshotter:
         self._closed = False
         self._faults = fault_plan()
         self._cuda_stream = None
+        self._daemon_ok = True  # False after a failed request: hooks then never wait for one
         self._worker = threading.Thread(target=self._run, name=f"shardkeep-copy-{self.rank}", daemon=True)
         self._worker.start()
 
@@ -303,9 +310,25 @@ class Snapshotter:
             self._block_on(p, p.done)
 
     def _block_on(self, p: _Pending, ev: threading.Event, limit: float | None = None) -> None:
+        """Wait for ``ev`` of snapshot ``p``; skip the snapshot rather than hold training.
+
+        Until the copy has begun (registration, the daemon's answer to begin) the
+        training thread waits at most ``max_stall`` seconds, none while the daemon
+        is failing; then the snapshot is cancelled.  A copy that has begun runs at
+        memory speed and is waited for.
+        """
         t0 = time.perf_counter()
         limit = 3 * self.timeout if limit is None else limit
-        if not ev.wait(limit):
+        if not p.started.wait(self.max_stall if self._daemon_ok else 0.0):
+            with p.lock:
+                if not p.copying:
+                    p.cancelled = True
+                    p.started.set()
+                    p.early.set()
+                    p.done.set()
+                    log.warning("job %s rank %d: step %d skipped: its copy had not begun after %.1f s",
+                                self.job, self.rank, p.step, time.perf_counter() - t0)
+        if not ev.wait(max(0.0, limit - (time.perf_counter() - t0))):
             # never let training modify state under a copy that still runs: that copy is torn
             p.torn = True
             log.error("job %s rank %d: snapshot of step %d did not finish copying in %.0f s; it will be skipped",
@@ -333,11 +356,15 @@ class Snapshotter:
                 result = self._write(p)
             except BaseException as exc:  # noqa: BLE001 - delivered through the future
                 self.stats.failed += 1
+                if isinstance(exc, (UnavailableError, ShardkeepTimeoutError)):
+                    self._daemon_ok = False
+                p.started.set()
                 p.early.set()
                 p.done.set()
                 p.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
                 continue
             finally:
+                p.started.set()
                 p.early.set()
                 p.done.set()
             if result.status == "committed":
@@ -349,6 +376,7 @@ class Snapshotter:
 
     def _request(self, mtype: str, fields: dict, payload: list | None = None) -> wire.Message:
         reply = self._chan.request(mtype, fields, payload)
+        self._daemon_ok = True
         inst = reply.fields.get("instance")
         if self._instance is not None and inst != self._instance:
             log.warning("job %s rank %d: daemon restarted (instance %s -> %s); registering again",
@@ -418,6 +446,15 @@ class Snapshotter:
         reg, slot_id, why = self._begin(p, data_bytes, est)
         if slot_id is None:
             return SnapshotResult(p.step, "skipped", None, why)
+        with p.lock:
+            if p.cancelled:
+                cancelled = True
+            else:
+                cancelled, p.copying = False, True
+                p.started.set()
+        if cancelled:
+            self._abort(reg, p.step, slot_id, "training went on before the copy began")
+            return SnapshotResult(p.step, "skipped", None, "training went on before the copy began")
         desc = reg.slots[slot_id]
         t_copy = time.perf_counter()
         try:
