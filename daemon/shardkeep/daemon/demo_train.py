@@ -1,0 +1,157 @@
+"""The demo's trainer: a small GPT-style language model, snapshotting every step.
+
+Run by ``shardkeep demo`` as a child process; prints one JSON event per line.
+Only ``shardkeep.client`` is used, exactly as a user's training script would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+
+def emit(**ev) -> None:
+    print(json.dumps(ev), flush=True)
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int = 4, ctx: int = 64) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.drop = nn.Dropout(0.1)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.1, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(t)))
+        x = self.blocks(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(x))
+
+
+def shape_for(size_bytes: int, vocab: int = 4096) -> tuple[int, int]:
+    """(d_model, layers) whose params + Adam state come to about ``size_bytes``."""
+    params = size_bytes / 12  # fp32 params + exp_avg + exp_avg_sq
+    d = 128
+    while d < 1024 and 2 * vocab * (d * 2) + 4 * 12 * (d * 2) ** 2 <= params:
+        d *= 2
+    layers = max(1, round((params - 2 * vocab * d) / (12 * d * d)))
+    return d, min(layers, 48)
+
+
+def batch(step: int, vocab: int, ctx: int = 64, n: int = 16):
+    g = torch.Generator().manual_seed(10_000 + step)
+    # a learnable pattern: each sequence counts up from a random start
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    seq = (start + torch.arange(ctx + 1)) % vocab
+    return seq[:, :-1], seq[:, 1:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job")
+    ap.add_argument("--socket")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", action="store_true", help="no shardkeep: the uninterrupted run")
+    ap.add_argument("--baselines", action="store_true", help="also time torch.save/torch.load")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # leave a core for the daemon and the copy
+
+    vocab = 4096
+    d, layers = shape_for(args.size, vocab)
+    torch.manual_seed(0)
+    model = TinyGPT(vocab, d, layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    if args.seed:  # a restarted process starts from other weights and another RNG: restore() must fix both
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5).add_(torch.randn_like(p))
+    state = {"model": model, "optim": opt, "data": {"consumed": 0}}
+    nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())
+    emit(event="model", d_model=d, layers=layers, params=sum(p.numel() for p in model.parameters()),
+         state_bytes=nbytes)
+
+    snap = None
+    start = None
+    if not args.reference:
+        from shardkeep.client import Snapshotter
+
+        snap = Snapshotter(socket=args.socket, job=args.job, rank=0, world_size=1)
+        start = snap.restore(state)
+        lr = snap.last_restore
+        emit(event="restored", step=start, seconds=lr.seconds, bytes=lr.bytes, info=str(lr))
+    first = 0 if start is None else start + 1
+    stalls, commits, losses = [], [], []
+    for step in range(first, args.steps):
+        x, y = batch(step, vocab)
+        model.train()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["data"]["consumed"] += x.numel()
+        if first == step:
+            emit(event="first-step", seconds_since_start=time.perf_counter() - t_start)
+        if snap is not None:
+            blocked0 = snap.stats.blocked_s
+            t0 = time.perf_counter()
+            fut = snap.snapshot(state, step)
+            fut.add_done_callback(
+                lambda f, s=step, t0=t0: commits.append(time.perf_counter() - t0)
+                or emit(event="committed", step=s, seconds=time.perf_counter() - t0)
+                if not f.exception() and f.result().status == "committed" else emit(event="skipped", step=s)
+            )
+            stalls.append(snap.stats.blocked_s - blocked0)
+        losses.append(loss.item())
+        emit(event="step", step=step, loss=round(loss.item(), 4))
+    if snap is not None:
+        snap.wait()
+        # stall of step s = time in snapshot(s) + hook waits until snapshot(s+1)
+        emit(event="stats", stall_median=statistics.median(stalls[1:] or stalls),
+             stall_max=max(stalls[1:] or stalls), first_snapshot=stalls[0] if stalls else None,
+             commit_median=statistics.median(commits) if commits else None,
+             committed=snap.stats.committed, skipped=snap.stats.skipped)
+        snap.close()
+    final = {"model": model.state_dict(), "optim": opt.state_dict(), "data": state["data"],
+             "rng": torch.get_rng_state()}
+    torch.save(final, args.out)
+    if args.baselines:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ckpt.pt")
+            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                torch.save(sd, f)
+                f.flush()
+                os.fsync(f.fileno())
+            save_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            loaded = torch.load(path, weights_only=True)
+            model.load_state_dict(loaded["model"])
+            opt.load_state_dict(loaded["optim"])
+            load_s = time.perf_counter() - t0
+        emit(event="baselines", torch_save_fsync=save_s, torch_load=load_s)
+    emit(event="done", ran=args.steps - first, first=first, final_loss=losses[-1] if losses else math.nan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
