@@ -239,3 +239,24 @@ def test_skip_when_no_slot_is_free(daemon, job_id):
         assert snap.stats.skipped == 1
         assert daemon.job_status(job_id)["skips"] == 1
         assert snap.versions()[0] == 1
+
+
+def test_state_without_tensors(daemon, job_id):
+    state = {"epoch": 4, "names": ("a", "b")}
+    with _snap(daemon, job_id, rng=False) as snap:
+        assert snap.snapshot(state, 0).result(timeout=30).status == "committed"
+        out = {"epoch": 0, "names": None}
+        assert snap.restore(out) == 0 and out == state
+
+
+def test_growing_layout_frees_the_old_slots_once_the_new_one_commits(daemon, job_id):
+    with _snap(daemon, job_id) as snap:
+        snap.snapshot({"t": torch.zeros(1000)}, 0).result(timeout=30)
+        snap.snapshot({"t": torch.zeros(1000)}, 1).result(timeout=30)
+        small = {p.name for p in daemon.segments()}
+        assert len(small) == 2
+        snap.snapshot({"t": torch.ones(500_000)}, 2).result(timeout=30)
+        now = {p.name for p in daemon.segments()}
+        assert len(now) == 2 and not now & small, "old-layout slots must go once the new layout is recorded"
+        out = {"t": torch.zeros(500_000)}
+        assert snap.restore(out) == 2 and torch.equal(out["t"], torch.ones(500_000))

@@ -7,14 +7,18 @@ restore.  The client never creates or unlinks segments: the daemon owns them.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from shardkeep.proto.errors import NotFoundError, PermissionDeniedError
+
+log = logging.getLogger("shardkeep.client")
 
 SHM_DIR = "/dev/shm"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -78,4 +82,27 @@ def _map(name: str, size: int) -> Mapping:
     finally:
         os.close(fd)
     u8 = torch.frombuffer(mm, dtype=torch.uint8)
-    return Mapping(name, size, mm, u8, u8.data_ptr())
+    m = Mapping(name, size, mm, u8, u8.data_ptr())
+    _register_with_cuda(m)
+    return m
+
+
+def _register_with_cuda(m: Mapping) -> None:
+    """Page-lock the mapping for the CUDA driver, so device-to-host copies run async at full speed."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(m.address, m.size, 0)
+        if int(err) != 0:
+            log.warning("cudaHostRegister of %s failed (%s); copies from the GPU will be synchronous", m.name, err)
+            return
+        weakref.finalize(m, _unregister, m.address)
+    except Exception as exc:  # an old driver or a build without cudart bindings
+        log.warning("cannot page-lock %s for CUDA: %s", m.name, exc)
+
+
+def _unregister(address: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception:
+        pass

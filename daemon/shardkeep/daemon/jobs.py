@@ -70,6 +70,22 @@ class JobState:
         rs.session = secrets.token_hex(8)
         return rs.session
 
+    def prune(self, rank: int) -> list[Slot]:
+        """Slots too small for the rank's current layout that nobody needs any more.
+
+        The newest recorded version stays until a version of the new layout is
+        recorded; pinned slots stay until their reader releases them.
+        """
+        rs = self.rank_state(rank)
+        protected = self.protected_step()
+        gone = [
+            s for s in rs.slots
+            if not rs.usable(s) and not s.pinned and s.state != STATE_WRITING
+            and not (s.state == STATE_COMMITTED and s.step == protected)
+        ]
+        rs.slots = [s for s in rs.slots if s not in gone]
+        return gone
+
     def check_session(self, rank: int, session: str) -> RankState:
         rs = self.ranks.get(rank)
         if rs is None or not rs.session:

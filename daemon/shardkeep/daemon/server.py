@@ -285,14 +285,11 @@ class Daemon:
             rs = job.rank_state(rank)
             session = job.new_session(rank)
             rs.need_data, rs.need_manifest, rs.pid = f["data_bytes"], f["manifest_bytes"], f.get("pid", 0)
-            protected = job.protected_step()
-            for s in list(rs.slots):  # too small, and nobody needs its contents
-                if not rs.usable(s) and not s.pinned and not (s.state == STATE_COMMITTED and s.step == protected):
-                    s.destroy()
-                    rs.slots.remove(s)
+            for s in job.prune(rank):
+                s.destroy()
             usable = [s for s in rs.slots if rs.usable(s)]
             count = max(0, f.get("slots", self.cfg.slots) - len(usable))
-            if count and f["data_bytes"] > 0:
+            if count:
                 size = geometry(f["data_bytes"], f["manifest_bytes"])[2]
                 admission.admit(count * size, self.cfg.memory_limit, self.used_bytes(),
                                 f"job {name!r} rank {rank} ({count} slots of {size} bytes)")
@@ -346,6 +343,9 @@ class Daemon:
         slot.header.history = job.history
         slot.commit(m, m.encode(), self._commit_seq)
         recorded = job.commit(rank, step, slot)
+        if recorded:  # a version of a new layout frees the old layout's slots
+            for s in job.prune(rank):
+                s.destroy()
         if slot.state != STATE_COMMITTED:
             return {"status": "skipped", "reason": job.aborted.get(step, "aborted")}
         return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history}
