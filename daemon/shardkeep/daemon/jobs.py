@@ -176,10 +176,7 @@ class JobState:
         if step in self.aborted:
             slot.mark_free()
             return False
-        if all(
-            any(s.state == STATE_COMMITTED and s.step == step for s in self.rank_state(r).slots)
-            for r in self.local_ranks()
-        ):
+        if all(r in self.ranks and step in self.ranks[r].committed() for r in self.local_ranks()):
             if not self.recorded or step > self.recorded[-1]:
                 self.recorded.append(step)
                 self.recorded = self.recorded[-16:]
@@ -187,6 +184,7 @@ class JobState:
         return False
 
     def local_ranks(self) -> list[int]:
+        """This node's ranks; ranks that never registered count as missing (negative placeholders)."""
         ranks = sorted(self.ranks)
         if len(ranks) < self.local_world_size:
             return ranks + [-1 - i for i in range(self.local_world_size - len(ranks))]

@@ -1,0 +1,1031 @@
+#!/usr/bin/env python
+"""Single-node benchmark of shardkeep against torch.save/torch.load and torch.distributed.checkpoint.
+
+One run measures, on the same training state (N x Linear(W, W) float32 + Adam, after one step):
+
+* a plain ``Tensor.copy_`` of the whole state into pre-faulted memory (the reference bound);
+* a simulated training loop without checkpointing, with shardkeep snapshotting every step and with
+  ``dcp.async_save`` every step, in two regimes: compute shorter than the copy (0.3 x T_copy) and
+  longer (3 x T_copy), where T_copy is the plain ``copy_`` time;
+* the first snapshot of a new layout (registration of the slots) separately;
+* restore: warm (in process) and cold (a fresh process, from interpreter start to the first resumed step);
+* ``torch.save`` + fsync, ``torch.load`` from a page-cache-evicted and from a cached file, in process and
+  cold in a fresh process; ``dcp.save``, ``dcp.async_save`` (blocking part and total).
+
+It starts its own daemon (private socket, shm prefix and state dir) and removes everything it made.
+See benchmarks/README.md for what every number means.
+
+    python benchmarks/bench_single_node.py                # 1.6 GB of state, 8 steps per loop
+    python benchmarks/bench_single_node.py --quick        # smoke run, 0.1 GB
+"""
+
+from __future__ import annotations
+
+import time as _time
+
+_T_PROC = _time.monotonic()  # as early as possible: the cold-restore children report from here
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+_T_TORCH = _time.monotonic()
+
+perf = _time.perf_counter
+GB = 1e9
+SHM = Path("/dev/shm")
+HERE = Path(__file__).resolve().parent
+RESULT_TAG = "BENCH_RESULT "
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def summ(xs: list[float]) -> dict:
+    """Median, mean, min, max of a list of seconds (or anything)."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return {"n": 0, "median": None, "mean": None, "min": None, "max": None}
+    return {"n": len(xs), "median": statistics.median(xs), "mean": statistics.fmean(xs), "min": min(xs),
+            "max": max(xs)}
+
+
+def med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now().strftime('%H:%M:%S')} load {loadavg()}] {msg}", flush=True)
+
+
+def fs_type(path: str) -> str:
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    best, typ = "", "?"
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) >= len(best):
+                        best, typ = parts[1], parts[2]
+    except OSError:
+        pass
+    return f"{typ} on {best or '?'}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_info(tmp_dir: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "tmp_dir": tmp_dir,
+        "tmp_dir_fs": fs_type(tmp_dir),
+    }
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        info["memory_total"] = vm.total
+        info["memory_available_at_start"] = vm.available
+    except ImportError:
+        info["memory_total"] = None
+    try:
+        st = os.statvfs("/dev/shm")
+        info["dev_shm_free"] = st.f_bavail * st.f_frsize
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["shardkeep"] = version("shardkeep")
+    except Exception:  # noqa: BLE001
+        info["shardkeep"] = "?"
+    return info
+
+
+class Timeout(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # make `finally` blocks run on SIGTERM too
+    raise SystemExit(128 + signum)
+
+
+# --- the training state --------------------------------------------------------------------------
+
+
+def layer_bytes(width: int) -> int:
+    """params + exp_avg + exp_avg_sq of one Linear(width, width)."""
+    return 3 * (width * width + width) * 4
+
+
+def build(n_layers: int, width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n_layers)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def set_grads(model: torch.nn.Module, full: bool) -> None:
+    """Small constant grads: biases only (cheap Adam step), or every parameter with ``full``."""
+    for name, p in model.named_parameters():
+        if full or name.endswith("bias"):
+            if p.grad is None:
+                p.grad = torch.full_like(p, 1e-6)
+        else:
+            p.grad = None
+
+
+def first_optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, full: bool) -> None:
+    """One step with grads on every parameter so that Adam has state for all of them."""
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-6)
+    opt.step()
+    set_grads(model, full)  # drops the weights' grads unless --full-step
+
+
+def state_tensor_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    optim = 0
+    for st in opt.state_dict()["state"].values():
+        optim += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    return {"params": params, "optim": optim, "total": params + optim}
+
+
+def empty_batch(width: int) -> torch.Tensor:
+    """Zero rows: the forward pass fires the pre-hook but costs nothing (compute is simulated)."""
+    return torch.empty(0, width)
+
+
+class Compute:
+    """Simulated compute: matmuls on scratch tensors (never the model), a fixed amount of work."""
+
+    N = 512
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(self.N, self.N, generator=g)
+        self.b = torch.randn(self.N, self.N, generator=g)
+        self.c = torch.empty(self.N, self.N)
+
+    def run(self, iters: int) -> None:
+        for _ in range(iters):
+            torch.mm(self.a, self.b, out=self.c)
+
+    def calibrate(self, reps: int = 40) -> float:
+        self.run(5)
+        times = []
+        for _ in range(3):
+            t = perf()
+            self.run(reps)
+            times.append((perf() - t) / reps)
+        return min(times)
+
+
+# --- the daemon -----------------------------------------------------------------------------------
+
+
+def shardkeep_cmd(*args: str) -> list[str]:
+    exe = Path(sys.executable).parent / "shardkeep"
+    if exe.exists():
+        return [str(exe), *args]
+    return [sys.executable, "-m", "shardkeep.daemon.cli", *args]
+
+
+class Daemon:
+    def __init__(self, root: Path) -> None:
+        self.prefix = f"skbench{secrets.token_hex(4)}"
+        self.root = root
+        self.socket = str(root / "run" / "sk.sock")
+        self.state_dir = str(root / "state")
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        from shardkeep.proto.errors import ShardkeepError
+        from shardkeep.proto.transport import Channel
+
+        (self.root / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            shardkeep_cmd("daemon", "--socket", self.socket, "--shm-prefix", self.prefix,
+                          "--state-dir", self.state_dir, "--log-level", "INFO"),
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        deadline = _time.monotonic() + timeout
+        while _time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                Channel(self.socket, timeout=1.0).request("ping")
+                return self
+            except ShardkeepError:
+                _time.sleep(0.05)
+        raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for p in SHM.glob(f"{self.prefix}*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+def plain_copy(tensors: list[torch.Tensor], reps: int, threads: int) -> dict:
+    """``Tensor.copy_`` of every state tensor into one pre-faulted buffer."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    buf = torch.empty(total, dtype=torch.uint8)
+    buf.fill_(0)  # pre-fault
+    dsts, off = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        dsts.append(buf[off: off + n].view(t.dtype).view(t.shape))
+        off += n
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times = []
+    try:
+        for _ in range(reps + 1):
+            t0 = perf()
+            for s, d in zip(tensors, dsts):
+                d.copy_(s)
+            times.append(perf() - t0)
+    finally:
+        torch.set_num_threads(old)
+    del dsts, buf
+    times = times[1:]  # the first pass warms caches and TLBs
+    return {"threads": threads, "bytes": total, "seconds": times, "s": summ(times),
+            "gbps": total / med(times) / GB}
+
+
+def train_loop(*, name: str, model, opt, width: int, compute: Compute, iters: int, steps: int, warmup: int,
+               full_step: bool, step0: int, snap=None, state=None, dcp_saver=None, results=None,
+               timeout: float = 600.0) -> dict:
+    """Simulated training; with ``snap`` a shardkeep snapshot per step, with ``dcp_saver`` a dcp.async_save."""
+    x = empty_batch(width)
+    recs = []
+    futs = []
+    set_grads(model, full_step)
+    for i in range(warmup + steps):
+        step = step0 + i
+        b0 = snap.stats.blocked_s if snap is not None else 0.0
+        t0 = perf()
+        model(x)                                   # forward pre-hook: waits for the buffers' copy
+        t1 = perf()
+        compute.run(iters)                         # "forward + backward"
+        t2 = perf()
+        opt.step()                                 # step pre-hook: waits for params + optimizer state
+        t3 = perf()
+        rec = {"step": step, "warmup": i < warmup, "forward_s": t1 - t0, "compute_s": t2 - t1,
+               "optim_step_s": t3 - t2}
+        if snap is not None:
+            call0 = perf()
+            fut = snap.snapshot(state, step)
+            call1 = perf()
+            rec["snapshot_call_s"] = call1 - call0
+            rec["call_t"] = call0
+
+            def done(f, rec=rec, call0=call0):
+                rec["commit_latency_s"] = perf() - call0
+                try:
+                    r = f.result()
+                    rec["status"], rec["reason"] = r.status, r.reason
+                    if r.status == "committed":
+                        rec["copy_s"] = snap.stats.last_copy_s
+                        rec["last_commit_s"] = snap.stats.last_commit_s
+                except Exception as exc:  # noqa: BLE001
+                    rec["status"], rec["reason"] = "failed", f"{type(exc).__name__}: {exc}"
+
+            fut.add_done_callback(done)
+            futs.append(fut)
+        elif dcp_saver is not None:
+            rec.update(dcp_saver.step(step))
+        t4 = perf()
+        rec["step_s"] = t4 - t0
+        rec["blocked_s"] = (snap.stats.blocked_s - b0) if snap is not None else rec.get("dcp_blocked_s", 0.0)
+        recs.append(rec)
+    tail0 = perf()
+    if snap is not None:
+        snap.wait(timeout)
+        for f in futs:
+            f.result(timeout=timeout)
+    if dcp_saver is not None:
+        dcp_saver.drain(timeout)
+    tail = perf() - tail0
+    steady = [r for r in recs if not r["warmup"]]
+    out = {
+        "name": name, "iters": iters, "steps": steps, "warmup": warmup, "records": recs,
+        "tail_wait_s": tail,
+        "step_s": summ([r["step_s"] for r in steady]),
+        "compute_s": summ([r["compute_s"] for r in steady]),
+        "optim_step_s": summ([r["optim_step_s"] for r in steady]),
+        "forward_s": summ([r["forward_s"] for r in steady]),
+        "blocked_s": summ([r["blocked_s"] for r in steady]),
+        "load": loadavg(),
+    }
+    if snap is not None:
+        out["snapshot_call_s"] = summ([r["snapshot_call_s"] for r in steady])
+        out["commit_latency_s"] = summ([r.get("commit_latency_s") for r in steady])
+        out["copy_s"] = summ([r.get("copy_s") for r in steady])
+        out["committed"] = sum(1 for r in recs if r.get("status") == "committed")
+        out["skipped"] = sum(1 for r in recs if r.get("status") == "skipped")
+        out["failed"] = sum(1 for r in recs if r.get("status") == "failed")
+        out["skip_reasons"] = sorted({r.get("reason", "") for r in recs if r.get("status") != "committed"})
+    if dcp_saver is not None:
+        for k in ("dcp_wait_prev_s", "dcp_call_s", "dcp_total_s"):
+            out[k] = summ([r.get(k) for r in steady])
+    return out
+
+
+class DcpLoopSaver:
+    """``dcp.async_save`` every step; waits for the previous save first, as a user must."""
+
+    def __init__(self, model, opt, ckpt_dir: str) -> None:
+        self.model, self.opt, self.dir = model, opt, ckpt_dir
+        self.prev = None
+        self.prev_t0 = 0.0
+        self.totals: dict[int, float] = {}
+
+    def step(self, step: int) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        t0 = perf()
+        if self.prev is not None:
+            self.prev.result(timeout=600)
+        t1 = perf()
+        msd, osd = get_state_dict(self.model, self.opt)
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.dir)
+        t2 = perf()
+        fut.add_done_callback(lambda f, s=step, c=t1: self.totals.__setitem__(s, perf() - c))
+        self.prev = fut
+        return {"dcp_wait_prev_s": t1 - t0, "dcp_call_s": t2 - t1, "dcp_blocked_s": t2 - t0}
+
+    def drain(self, timeout: float) -> None:
+        if self.prev is not None:
+            self.prev.result(timeout=timeout)
+            self.prev = None
+
+
+def torch_save(sd: dict, path: str) -> dict:
+    t0 = perf()
+    with open(path, "wb") as f:
+        torch.save(sd, f)
+        f.flush()
+        t1 = perf()
+        os.fsync(f.fileno())
+    t2 = perf()
+    return {"serialize_write_s": t1 - t0, "fsync_s": t2 - t1, "total_s": t2 - t0, "bytes": os.path.getsize(path)}
+
+
+def evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cache(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def torch_load_into(path: str, model, opt) -> dict:
+    t0 = perf()
+    sd = torch.load(path, weights_only=True)
+    t1 = perf()
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+    t2 = perf()
+    del sd
+    return {"load_s": t1 - t0, "load_state_dict_s": t2 - t1, "total_s": t2 - t0}
+
+
+# --- cold-restore children -------------------------------------------------------------------------
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """A fresh trainer process: build, restore (shardkeep or torch.load), run one step, report."""
+    spec = json.loads(args.child_spec)
+    t = {"proc_start": _T_PROC, "torch_imported": _T_TORCH}
+    torch.set_num_threads(spec["threads"])
+    model, opt = build(spec["layers"], spec["width"])
+    t["built"] = _time.monotonic()
+    state = {"model": model, "optim": opt}
+    out: dict = {"kind": args.child}
+    if args.child == "shardkeep":
+        from shardkeep.client import Snapshotter
+
+        snap = Snapshotter(socket=spec["socket"], job=spec["job"], rank=0, world_size=1)
+        t["client_ready"] = _time.monotonic()
+        step = snap.restore(state)
+        t["restored"] = _time.monotonic()
+        out["step"] = step
+        out["restore_info"] = str(snap.last_restore)
+        out["restore_seconds_reported"] = snap.last_restore.seconds if snap.last_restore else None
+    else:
+        t["client_ready"] = _time.monotonic()
+        sd = torch.load(spec["file"], weights_only=True)
+        t["loaded"] = _time.monotonic()
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optim"])
+        del sd
+        t["restored"] = _time.monotonic()
+    set_grads(model, spec["full_step"])
+    model(empty_batch(spec["width"]))
+    opt.step()
+    t["first_step"] = _time.monotonic()
+    if args.child == "shardkeep":
+        snap.close()
+    out["t"] = t
+    out["adam_state_entries"] = len(opt.state)
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    return 0
+
+
+def run_child(kind: str, spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-spec", json.dumps(spec)]
+    t_spawn = _time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    t_exit = _time.monotonic()
+    if p.returncode != 0:
+        raise RuntimeError(f"child {kind} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)), None)
+    if line is None:
+        raise RuntimeError(f"child {kind} printed no result:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    out = json.loads(line[len(RESULT_TAG):])
+    t = out["t"]
+    out["phases_s"] = {
+        "interpreter_start": t["proc_start"] - t_spawn,
+        "import_torch": t["torch_imported"] - t["proc_start"],
+        "build_model": t["built"] - t["torch_imported"],
+        "client_setup": t["client_ready"] - t["built"],
+        "restore": t["restored"] - t["client_ready"],
+        "first_step": t["first_step"] - t["restored"],
+    }
+    if "loaded" in t:
+        out["phases_s"]["torch_load"] = t["loaded"] - t["client_ready"]
+        out["phases_s"]["load_state_dict"] = t["restored"] - t["loaded"]
+    out["spawn_to_first_step_s"] = t["first_step"] - t_spawn
+    out["spawn_to_exit_s"] = t_exit - t_spawn
+    out["stderr_tail"] = p.stderr[-1500:]
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def fmt_s(x) -> str:
+    if x is None:
+        return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} us"
+    if x < 1:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x:.2f} s"
+
+
+def fmt_x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_gbps(x) -> str:
+    return "-" if x is None else f"{x:.2f} GB/s"
+
+
+def render(R: dict) -> str:
+    rows: list[tuple[str, str, str]] = []
+
+    def sec(title: str) -> None:
+        rows.append(("", "", ""))
+        rows.append((f"== {title}", "", ""))
+
+    def row(name: str, value: str, note: str = "") -> None:
+        rows.append((name, value, note))
+
+    m, st = R["machine"], R["state"]
+    sec("setup")
+    row("state", f"{st['bytes']['total']:,} B", f"{st['layers']} x Linear({st['width']},{st['width']}) + Adam "
+        f"({st['bytes']['total'] / GB:.3f} GB; snapshot {st['snapshot_bytes']:,} B incl. RNG)")
+    row("machine", f"{m['cpu_count']} CPU", f"{m['cpu_model']}; {(m.get('memory_total') or 0) / 2**30:.1f} GiB; "
+        f"torch {m['torch']}")
+    row("load average (start / end)", f"{R['load_start']} / {R['load_end']}", "")
+    row("compute threads", str(R["config"]["compute_threads"]),
+        f"optimizer step: {'all params' if R['config']['full_step'] else 'biases only'}")
+
+    pc = R["plain_copy"]
+    sec("reference: plain Tensor.copy_ into pre-faulted memory")
+    for k in ("default_threads", "one_thread"):
+        c = pc[k]
+        row(f"copy_ ({c['threads']} thread{'s' if c['threads'] > 1 else ''})", fmt_gbps(c["gbps"]),
+            f"{fmt_s(c['s']['median'])} median of {c['s']['n']}")
+    row("T_copy (calibration)", fmt_s(R["calibration"]["t_copy_s"]),
+        f"matmul {fmt_s(R['calibration']['matmul_s'])}/iter")
+
+    fs = R["first_snapshot"]
+    sec("shardkeep: first snapshot (new layout: slots created and mapped)")
+    row("snapshot() call", fmt_s(fs["snapshot_call_s"]), "")
+    row("blocked in the next step (hooks)", fmt_s(fs["next_step_blocked_s"]), "")
+    row("call -> local commit", fmt_s(fs["commit_latency_s"]), f"status {fs['status']} {fs.get('reason', '')}")
+
+    for reg in R["regimes"]:
+        k = reg["key"]
+        sk, base, dl = R["loops"][f"shardkeep_{k}"], R["loops"][f"baseline_{k}"], R["loops"].get(f"dcp_{k}")
+        sec(f"training loop, {reg['label']} (compute {fmt_s(reg['target_s'])} target, "
+            f"{fmt_s(base['compute_s']['median'])} measured), medians of {sk['steps']} steps")
+        row("step, no checkpointing", fmt_s(base["step_s"]["median"]),
+            f"pre {fmt_s(R['loops'][f'baseline_{k}_pre']['step_s']['median'])} / "
+            f"post {fmt_s(R['loops'][f'baseline_{k}_post']['step_s']['median'])}")
+        row("step, shardkeep every step", fmt_s(sk["step_s"]["median"]),
+            f"overhead {fmt_x(R['ratios'][f'step_overhead_shardkeep_{k}'])}")
+        row("  snapshot() call", fmt_s(sk["snapshot_call_s"]["median"]), f"max {fmt_s(sk['snapshot_call_s']['max'])}")
+        row("  blocked per step (call + hooks)", fmt_s(sk["blocked_s"]["median"]),
+            f"max {fmt_s(sk['blocked_s']['max'])}")
+        row("  call -> local commit", fmt_s(sk["commit_latency_s"]["median"]), "")
+        row("  copy throughput", fmt_gbps(R["ratios"][f"copy_gbps_{k}"]),
+            f"{fmt_x(R['ratios'][f'copy_vs_plain_copy_{k}'])} of plain copy_ (1 thread)")
+        row("  committed / skipped / failed", f"{sk['committed']} / {sk['skipped']} / {sk['failed']}",
+            "; ".join(sk["skip_reasons"])[:60])
+        if dl is not None:
+            row("step, dcp.async_save every step", fmt_s(dl["step_s"]["median"]),
+                f"overhead {fmt_x(R['ratios'][f'step_overhead_dcp_{k}'])}")
+            row("  blocked per step (wait prev + call)", fmt_s(dl["blocked_s"]["median"]),
+                f"wait {fmt_s(dl['dcp_wait_prev_s']['median'])} + call {fmt_s(dl['dcp_call_s']['median'])}")
+
+    rs = R["restore"]
+    sec("restore")
+    row("shardkeep warm restore (in process)", fmt_s(rs["warm"]["s"]["median"]), fmt_gbps(rs["warm"]["gbps"]))
+    tl = R["torch_file"]
+    row("torch.load + load_state_dict, evicted", fmt_s(tl["load_evicted"]["total_s"]["median"]),
+        f"torch.load alone {fmt_s(tl['load_evicted']['load_s']['median'])}")
+    row("torch.load + load_state_dict, cached", fmt_s(tl["load_cached"]["total_s"]["median"]),
+        f"torch.load alone {fmt_s(tl['load_cached']['load_s']['median'])}")
+    for name, c in R["cold"].items():
+        p = c["phases_s"]
+        row(f"cold {name}: restore", fmt_s(p["restore"]),
+            f"start->first step {fmt_s(c['spawn_to_first_step_s'])} (torch import {fmt_s(p['import_torch'])}, "
+            f"build {fmt_s(p['build_model'])})")
+
+    sec("checkpoint to disk (" + m["tmp_dir_fs"] + ")")
+    row("torch.save + fsync", fmt_s(tl["save"]["total_s"]["median"]),
+        f"fsync {fmt_s(tl['save']['fsync_s']['median'])}")
+    d = R.get("dcp")
+    if d:
+        row("dcp.save", fmt_s(d["save"]["median"]), "")
+        row("dcp.async_save blocking (call returns)", fmt_s(d["async_call"]["median"]), "")
+        row("dcp.async_save total (future done)", fmt_s(d["async_total"]["median"]), "")
+
+    r = R["ratios"]
+    sec("ratios (>1 means shardkeep is faster / smaller, except overhead)")
+    for k, label in [
+        ("restore_warm_vs_torch_load_evicted", "torch.load+lsd (evicted) / shardkeep warm restore"),
+        ("restore_warm_vs_torch_load_cached", "torch.load+lsd (cached) / shardkeep warm restore"),
+        ("restore_warm_vs_torch_load_only_cached", "torch.load alone (cached) / shardkeep warm restore"),
+        ("cold_restore_vs_torch_load_evicted", "cold: torch.load+lsd (evicted) / shardkeep restore"),
+        ("cold_restore_vs_torch_load_cached", "cold: torch.load+lsd (cached) / shardkeep restore"),
+        ("cold_first_step_vs_torch_load_evicted", "cold: start->first step, torch.load (evicted) / shardkeep"),
+        ("cold_first_step_vs_torch_load_cached", "cold: start->first step, torch.load (cached) / shardkeep"),
+        ("dcp_async_call_vs_blocked_short", "dcp.async_save call / shardkeep blocked per step (short)"),
+        ("dcp_async_call_vs_blocked_long", "dcp.async_save call / shardkeep blocked per step (long)"),
+        ("dcp_loop_blocked_vs_blocked_short", "dcp loop blocked / shardkeep blocked per step (short)"),
+        ("dcp_loop_blocked_vs_blocked_long", "dcp loop blocked / shardkeep blocked per step (long)"),
+        ("copy_vs_plain_copy_short", "shardkeep copy GB/s / plain copy_ GB/s (1 thread), short"),
+        ("copy_vs_plain_copy_long", "shardkeep copy GB/s / plain copy_ GB/s (1 thread), long"),
+        ("copy_vs_plain_copy_default_long", f"same vs plain copy_ ({pc['default_threads']['threads']} threads), long"),
+        ("step_overhead_shardkeep_short", "step time shardkeep / none (short)"),
+        ("step_overhead_shardkeep_long", "step time shardkeep / none (long)"),
+        ("step_overhead_dcp_short", "step time dcp.async_save / none (short)"),
+        ("step_overhead_dcp_long", "step time dcp.async_save / none (long)"),
+    ]:
+        if k in r:
+            row(label, fmt_x(r[k]), "")
+
+    w0 = max(len(a) for a, _, _ in rows)
+    w1 = max(len(b) for _, b, _ in rows)
+    lines = []
+    for a, b, c in rows:
+        if a.startswith("== "):
+            lines.append(a)
+        elif a or b or c:
+            lines.append(f"  {a:<{w0}}  {b:>{w1}}  {c}".rstrip())
+        else:
+            lines.append("")
+    return "\n".join(lines).strip("\n")
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=float, default=1.6, help="params + Adam state in GB (1e9 B) (default: 1.6)")
+    ap.add_argument("--steps", type=int, default=8, help="measured steps per training loop (default: 8)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/out/single_node-<timestamp>.json)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 GB of Linear(2048) layers, 4 steps")
+    ap.add_argument("--width", type=int, default=None, help="Linear width (default: 4096; 2048 with --quick)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps at the start of each loop (default: 1)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of copy, restore and load (default: 3)")
+    ap.add_argument("--disk-reps", type=int, default=2,
+                    help="repetitions of torch.save, dcp.save and dcp.async_save (default: 2)")
+    ap.add_argument("--compute-threads", type=int, default=1,
+                    help="torch threads of the simulated compute; the rest of the cores are left to the "
+                         "background copy, as on a GPU trainer whose CPU waits (default: 1)")
+    ap.add_argument("--full-step", action="store_true",
+                    help="give every parameter a grad so Adam updates all of them each step (on CPU this is "
+                         "a full memory pass per step, slower than the copy); default: biases only")
+    ap.add_argument("--short", type=float, default=0.3, help="short compute as a fraction of T_copy (default 0.3)")
+    ap.add_argument("--long", type=float, default=3.0, help="long compute as a multiple of T_copy (default 3)")
+    ap.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
+    ap.add_argument("--tmp-dir", default=None, help="where checkpoint files go (default: $TMPDIR or /tmp)")
+    ap.add_argument("--child", choices=["shardkeep", "torch_load"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        if args.size == 1.6:
+            args.size = 0.1
+        if args.steps == 8:
+            args.steps = 4
+        args.width = args.width or 2048
+    args.width = args.width or 4096
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_path = Path(args.out) if args.out else HERE / "out" / f"single_node-{stamp}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = tempfile.mkdtemp(prefix="skbench-", dir=args.tmp_dir)
+    R: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "argv": sys.argv, "load_start": loadavg()}
+    R["machine"] = machine_info(tmp_root)
+    R["config"] = {k: v for k, v in vars(args).items() if not k.startswith("child")}
+    R["loads"] = {}
+    daemon: Daemon | None = None
+    snap = None
+    pg = False
+    ok = False
+    default_threads = torch.get_num_threads()
+    try:
+        # 1. state ------------------------------------------------------------------------------------
+        n_layers = max(1, round(args.size * GB / layer_bytes(args.width)))
+        log(f"building {n_layers} x Linear({args.width}) + Adam")
+        torch.manual_seed(0)
+        model, opt = build(n_layers, args.width)
+        first_optimizer_step(model, opt, args.full_step)
+        state = {"model": model, "optim": opt}
+        from shardkeep.client import Snapshotter
+        from shardkeep.client import rng as sk_rng
+        from shardkeep.client.flatten import flatten
+
+        flat = flatten(state, sk_rng.capture())
+        snap_bytes = sum(t.numel() * t.element_size() for t in flat.tensors)
+        tensors = list(flat.tensors)
+        del flat
+        R["state"] = {"layers": n_layers, "width": args.width, "bytes": state_tensor_bytes(model, opt),
+                      "snapshot_bytes": snap_bytes, "snapshot_tensors": len(tensors)}
+        log(f"state: {R['state']['bytes']['total']:,} B ({R['state']['bytes']['total'] / GB:.3f} GB); "
+            f"snapshot {snap_bytes:,} B in {len(tensors)} tensors")
+
+        # 2. reference copy and calibration ------------------------------------------------------------
+        R["loads"]["plain_copy"] = loadavg()
+        R["plain_copy"] = {"default_threads": plain_copy(tensors, args.reps, default_threads),
+                           "one_thread": plain_copy(tensors, args.reps, 1)}
+        del tensors
+        t_copy = R["plain_copy"]["default_threads"]["s"]["median"]
+        torch.set_num_threads(args.compute_threads)
+        compute = Compute()
+        mm_s = compute.calibrate()
+        torch.set_num_threads(default_threads)
+        regimes = [
+            {"key": "short", "label": f"compute < copy ({args.short:g} x T_copy)", "target_s": args.short * t_copy},
+            {"key": "long", "label": f"compute > copy ({args.long:g} x T_copy)", "target_s": args.long * t_copy},
+        ]
+        for reg in regimes:
+            reg["iters"] = max(1, round(reg["target_s"] / mm_s))
+        R["calibration"] = {"t_copy_s": t_copy, "matmul_s": mm_s, "matmul_n": Compute.N}
+        R["regimes"] = regimes
+        log(f"plain copy_ {R['plain_copy']['default_threads']['gbps']:.2f} GB/s "
+            f"({default_threads} threads), {R['plain_copy']['one_thread']['gbps']:.2f} GB/s (1 thread); "
+            f"T_copy {t_copy * 1e3:.1f} ms; matmul {mm_s * 1e3:.2f} ms; iters "
+            + ", ".join(f"{r['key']}={r['iters']}" for r in regimes))
+
+        loops: dict = {}
+        R["loops"] = loops
+        step = 1
+        common = dict(model=model, opt=opt, width=args.width, compute=compute, steps=args.steps,
+                      warmup=args.warmup, full_step=args.full_step)
+
+        def run_loop(name: str, iters: int, **kw) -> dict:
+            nonlocal step
+            torch.set_num_threads(args.compute_threads)
+            try:
+                res = train_loop(name=name, iters=iters, step0=step, **common, **kw)
+            finally:
+                torch.set_num_threads(default_threads)
+            step += args.warmup + args.steps
+            loops[name] = res
+            log(f"{name}: step {res['step_s']['median'] * 1e3:.1f} ms, blocked "
+                f"{res['blocked_s']['median'] * 1e3:.2f} ms (median)")
+            return res
+
+        # 3a. baseline loops (before) -------------------------------------------------------------------
+        for reg in regimes:
+            run_loop(f"baseline_{reg['key']}_pre", reg["iters"])
+
+        # 3b. shardkeep ------------------------------------------------------------------------------------
+        daemon = Daemon(Path(tmp_root) / "daemon").start()
+        log(f"daemon up: prefix {daemon.prefix}, socket {daemon.socket}")
+        job = f"bench-{secrets.token_hex(4)}"
+        snap = Snapshotter(socket=daemon.socket, job=job, rank=0, world_size=1)
+
+        # first snapshot: registration of a new layout, then one step that runs into its hooks
+        R["loads"]["first_snapshot"] = loadavg()
+        torch.set_num_threads(args.compute_threads)
+        fs: dict = {}
+        b0 = snap.stats.blocked_s
+        c0 = perf()
+        fut = snap.snapshot(state, step)
+        fs["snapshot_call_s"] = perf() - c0
+        fut.add_done_callback(lambda f: fs.__setitem__("commit_latency_s", perf() - c0))
+        b1 = snap.stats.blocked_s
+        model(empty_batch(args.width))
+        compute.run(regimes[0]["iters"])
+        opt.step()
+        fs["next_step_blocked_s"] = snap.stats.blocked_s - b1
+        fs["blocked_in_call_s"] = b1 - b0
+        res = fut.result(timeout=600)
+        _time.sleep(0.01)  # the done callback runs right after the result is set
+        fs.update(status=res.status, reason=res.reason, copy_s=snap.stats.last_copy_s,
+                  registrations=snap.stats.registrations)
+        torch.set_num_threads(default_threads)
+        R["first_snapshot"] = fs
+        step += 1
+        log(f"first snapshot: {fs}")
+
+        for reg in regimes:
+            run_loop(f"shardkeep_{reg['key']}", reg["iters"], snap=snap, state=state)
+
+        # 3c. baseline loops (after) ----------------------------------------------------------------------
+        for reg in regimes:
+            run_loop(f"baseline_{reg['key']}_post", reg["iters"])
+        for reg in regimes:
+            k = reg["key"]
+            pre, post = loops[f"baseline_{k}_pre"], loops[f"baseline_{k}_post"]
+            steady = [r for lp in (pre, post) for r in lp["records"] if not r["warmup"]]
+            loops[f"baseline_{k}"] = {"step_s": summ([r["step_s"] for r in steady]),
+                                      "compute_s": summ([r["compute_s"] for r in steady])}
+        R["snapshot_stats"] = dict(vars(snap.stats))
+
+        # 4a. warm restore -----------------------------------------------------------------------------------
+        R["loads"]["restore"] = loadavg()
+        last_committed = max(r["step"] for lp in loops.values() for r in lp.get("records", [])
+                             if r.get("status") == "committed")
+        warm = []
+        for _ in range(args.reps):
+            t0 = perf()
+            got = snap.restore(state)
+            wall = perf() - t0
+            info = snap.last_restore
+            warm.append({"wall_s": wall, "reported_s": info.seconds, "bytes": info.bytes, "step": got})
+            if got != last_committed:
+                raise RuntimeError(f"warm restore returned step {got}, expected {last_committed}")
+        ws = summ([w["wall_s"] for w in warm])
+        R["restore"] = {"warm": {"runs": warm, "s": ws, "bytes": warm[0]["bytes"],
+                                 "gbps": warm[0]["bytes"] / ws["median"] / GB}}
+        log(f"warm restore: {ws['median'] * 1e3:.1f} ms, {R['restore']['warm']['gbps']:.2f} GB/s")
+        snap.close()
+        snap = None
+
+        # 4b. cold restore, shardkeep -------------------------------------------------------------------------
+        spec = {"layers": n_layers, "width": args.width, "threads": default_threads, "full_step": args.full_step}
+        R["cold"] = {}
+        R["loads"]["cold_shardkeep"] = loadavg()
+        gc.collect()
+        c = run_child("shardkeep", dict(spec, socket=daemon.socket, job=job), timeout=600)
+        if c["step"] != last_committed:
+            raise RuntimeError(f"cold restore returned step {c['step']}, expected {last_committed}")
+        R["cold"]["shardkeep"] = c
+        log(f"cold shardkeep: restore {c['phases_s']['restore']:.3f} s, start->first step "
+            f"{c['spawn_to_first_step_s']:.3f} s ({c.get('restore_info')})")
+        # free the daemon's memory before the disk baselines
+        daemon.stop()
+        daemon = None
+
+        # 5. torch.save / torch.load --------------------------------------------------------------------------
+        tf: dict = {}
+        R["torch_file"] = tf
+        path = os.path.join(tmp_root, "state.pt")
+        R["loads"]["torch_save"] = loadavg()
+        saves = []
+        for _ in range(args.disk_reps):
+            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+            saves.append(torch_save(sd, path))
+            del sd
+        tf["save"] = {"runs": saves, "total_s": summ([s["total_s"] for s in saves]),
+                      "fsync_s": summ([s["fsync_s"] for s in saves]), "bytes": saves[0]["bytes"]}
+        log(f"torch.save+fsync {tf['save']['total_s']['median']:.3f} s ({saves[0]['bytes']:,} B)")
+        for mode in ("evicted", "cached"):
+            runs = []
+            for _ in range(args.reps):
+                if mode == "evicted":
+                    evict(path)
+                else:
+                    cache(path)
+                gc.collect()
+                runs.append(torch_load_into(path, model, opt))
+            tf[f"load_{mode}"] = {"runs": runs, "load_s": summ([r["load_s"] for r in runs]),
+                                  "total_s": summ([r["total_s"] for r in runs])}
+            log(f"torch.load {mode}: {tf[f'load_{mode}']['load_s']['median']:.3f} s, + load_state_dict "
+                f"{tf[f'load_{mode}']['total_s']['median']:.3f} s")
+        for mode in ("evicted", "cached"):
+            if mode == "evicted":
+                evict(path)
+            else:
+                cache(path)
+            gc.collect()
+            R["loads"][f"cold_torch_load_{mode}"] = loadavg()
+            c = run_child("torch_load", dict(spec, file=path), timeout=600)
+            R["cold"][f"torch_load_{mode}"] = c
+            log(f"cold torch.load ({mode}): restore {c['phases_s']['restore']:.3f} s, start->first step "
+                f"{c['spawn_to_first_step_s']:.3f} s")
+        os.unlink(path)
+
+        # 6. torch.distributed.checkpoint -----------------------------------------------------------------------
+        if not args.no_dcp:
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_root, "pg-store"), 1),
+                                    rank=0, world_size=1)
+            pg = True
+            ckpt = os.path.join(tmp_root, "dcp")
+            R["loads"]["dcp"] = loadavg()
+            d = {"save_runs": [], "async_runs": []}
+            for _ in range(args.disk_reps):
+                t0 = perf()
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+                d["save_runs"].append(perf() - t0)
+                del msd, osd
+            for _ in range(args.disk_reps):
+                t0 = perf()
+                msd, osd = get_state_dict(model, opt)
+                f = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+                t1 = perf()
+                f.result(timeout=600)
+                t2 = perf()
+                d["async_runs"].append({"call_s": t1 - t0, "total_s": t2 - t0})
+                del msd, osd, f
+            d["save"] = summ(d["save_runs"])
+            d["async_call"] = summ([r["call_s"] for r in d["async_runs"]])
+            d["async_total"] = summ([r["total_s"] for r in d["async_runs"]])
+            R["dcp"] = d
+            log(f"dcp.save {d['save']['median']:.3f} s; async_save call {d['async_call']['median']:.3f} s, "
+                f"total {d['async_total']['median']:.3f} s")
+            for reg in regimes:
+                saver = DcpLoopSaver(model, opt, ckpt)
+                res = run_loop(f"dcp_{reg['key']}", reg["iters"], dcp_saver=saver)
+                res["dcp_total_s"] = summ(list(saver.totals.values()))
+            shutil.rmtree(ckpt, ignore_errors=True)
+            dist.destroy_process_group()
+            pg = False
+
+        # 7. ratios ---------------------------------------------------------------------------------------------
+        ra: dict = {}
+        pc1 = R["plain_copy"]["one_thread"]["gbps"]
+        pcd = R["plain_copy"]["default_threads"]["gbps"]
+        warm_s = R["restore"]["warm"]["s"]["median"]
+        for mode in ("evicted", "cached"):
+            ra[f"restore_warm_vs_torch_load_{mode}"] = ratio(tf[f"load_{mode}"]["total_s"]["median"], warm_s)
+            ra[f"restore_warm_vs_torch_load_only_{mode}"] = ratio(tf[f"load_{mode}"]["load_s"]["median"], warm_s)
+            cs, ct = R["cold"]["shardkeep"], R["cold"][f"torch_load_{mode}"]
+            ra[f"cold_restore_vs_torch_load_{mode}"] = ratio(ct["phases_s"]["restore"], cs["phases_s"]["restore"])
+            ra[f"cold_first_step_vs_torch_load_{mode}"] = ratio(ct["spawn_to_first_step_s"],
+                                                                 cs["spawn_to_first_step_s"])
+        for reg in regimes:
+            k = reg["key"]
+            sk, base = loops[f"shardkeep_{k}"], loops[f"baseline_{k}"]
+            gbps = ratio(snap_bytes, sk["copy_s"]["median"])
+            ra[f"copy_gbps_{k}"] = gbps / GB if gbps else None
+            ra[f"copy_vs_plain_copy_{k}"] = ratio(ra[f"copy_gbps_{k}"], pc1)
+            ra[f"copy_vs_plain_copy_default_{k}"] = ratio(ra[f"copy_gbps_{k}"], pcd)
+            ra[f"step_overhead_shardkeep_{k}"] = ratio(sk["step_s"]["median"], base["step_s"]["median"])
+            if "dcp" in R:
+                dl = loops[f"dcp_{k}"]
+                ra[f"step_overhead_dcp_{k}"] = ratio(dl["step_s"]["median"], base["step_s"]["median"])
+                ra[f"dcp_async_call_vs_blocked_{k}"] = ratio(R["dcp"]["async_call"]["median"],
+                                                             sk["blocked_s"]["median"])
+                ra[f"dcp_loop_blocked_vs_blocked_{k}"] = ratio(dl["blocked_s"]["median"], sk["blocked_s"]["median"])
+        R["ratios"] = ra
+        ok = True
+    finally:
+        R["ok"] = ok
+        if not ok:
+            R["error"] = traceback.format_exc()
+        if snap is not None:
+            with contextlib.suppress(Exception):
+                snap.close()
+        if daemon is not None:
+            R["daemon_log_tail"] = daemon.log_tail()
+            daemon.stop()
+        if pg:
+            with contextlib.suppress(Exception):
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        R["load_end"] = loadavg()
+        with contextlib.suppress(Exception):
+            import psutil
+
+            R["machine"]["memory_available_at_end"] = psutil.virtual_memory().available
+        with open(out_path, "w") as f:
+            json.dump(R, f, indent=1, default=str)
+        print(f"\nresults: {out_path}", flush=True)
+    print()
+    print(render(R))
+    print(f"\nresults: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
