@@ -326,7 +326,7 @@ def plain_copy(tensors: list[torch.Tensor], reps: int, threads: int) -> dict:
 
 
 def train_loop(*, name: str, model, opt, width: int, compute: Compute, iters: int, steps: int, warmup: int,
-               full_step: bool, step0: int, snap=None, state=None, dcp_saver=None, results=None,
+               full_step: bool, step0: int, snap=None, state=None, dcp_saver=None,
                timeout: float = 600.0) -> dict:
     """Simulated training; with ``snap`` a shardkeep snapshot per step, with ``dcp_saver`` a dcp.async_save."""
     x = empty_batch(width)
@@ -366,7 +366,7 @@ def train_loop(*, name: str, model, opt, width: int, compute: Compute, iters: in
             fut.add_done_callback(done)
             futs.append(fut)
         elif dcp_saver is not None:
-            rec.update(dcp_saver.step(step))
+            rec.update(dcp_saver.step(step, rec))
         t4 = perf()
         rec["step_s"] = t4 - t0
         rec["blocked_s"] = (snap.stats.blocked_s - b0) if snap is not None else rec.get("dcp_blocked_s", 0.0)
@@ -378,29 +378,25 @@ def train_loop(*, name: str, model, opt, width: int, compute: Compute, iters: in
             f.result(timeout=timeout)
     if dcp_saver is not None:
         dcp_saver.drain(timeout)
-    tail = perf() - tail0
+    _time.sleep(0.005)  # done callbacks run right after a result is set
+    return {"name": name, "iters": iters, "records": recs, "tail_wait_s": perf() - tail0, "load": loadavg()}
+
+
+def summarize(recs: list[dict]) -> dict:
+    """Summaries of the measured (non-warmup) steps of one or more loops."""
     steady = [r for r in recs if not r["warmup"]]
-    out = {
-        "name": name, "iters": iters, "steps": steps, "warmup": warmup, "records": recs,
-        "tail_wait_s": tail,
-        "step_s": summ([r["step_s"] for r in steady]),
-        "compute_s": summ([r["compute_s"] for r in steady]),
-        "optim_step_s": summ([r["optim_step_s"] for r in steady]),
-        "forward_s": summ([r["forward_s"] for r in steady]),
-        "blocked_s": summ([r["blocked_s"] for r in steady]),
-        "load": loadavg(),
-    }
-    if snap is not None:
-        out["snapshot_call_s"] = summ([r["snapshot_call_s"] for r in steady])
-        out["commit_latency_s"] = summ([r.get("commit_latency_s") for r in steady])
-        out["copy_s"] = summ([r.get("copy_s") for r in steady])
+    out = {"steps": len(steady)}
+    for k in ("step_s", "forward_s", "compute_s", "optim_step_s", "blocked_s", "snapshot_call_s",
+              "commit_latency_s", "copy_s", "dcp_wait_prev_s", "dcp_call_s", "dcp_total_s"):
+        vals = [r[k] for r in steady if r.get(k) is not None]
+        if vals:
+            out[k] = summ(vals)
+    if any("status" in r or "snapshot_call_s" in r for r in recs):
         out["committed"] = sum(1 for r in recs if r.get("status") == "committed")
         out["skipped"] = sum(1 for r in recs if r.get("status") == "skipped")
         out["failed"] = sum(1 for r in recs if r.get("status") == "failed")
-        out["skip_reasons"] = sorted({r.get("reason", "") for r in recs if r.get("status") != "committed"})
-    if dcp_saver is not None:
-        for k in ("dcp_wait_prev_s", "dcp_call_s", "dcp_total_s"):
-            out[k] = summ([r.get(k) for r in steady])
+        out["skip_reasons"] = sorted({r.get("reason", "") for r in recs
+                                      if "status" in r and r.get("status") != "committed"})
     return out
 
 
@@ -410,10 +406,8 @@ class DcpLoopSaver:
     def __init__(self, model, opt, ckpt_dir: str) -> None:
         self.model, self.opt, self.dir = model, opt, ckpt_dir
         self.prev = None
-        self.prev_t0 = 0.0
-        self.totals: dict[int, float] = {}
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int, rec: dict) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -424,7 +418,7 @@ class DcpLoopSaver:
         msd, osd = get_state_dict(self.model, self.opt)
         fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.dir)
         t2 = perf()
-        fut.add_done_callback(lambda f, s=step, c=t1: self.totals.__setitem__(s, perf() - c))
+        fut.add_done_callback(lambda f, c=t1: rec.__setitem__("dcp_total_s", perf() - c))
         self.prev = fut
         return {"dcp_wait_prev_s": t1 - t0, "dcp_call_s": t2 - t1, "dcp_blocked_s": t2 - t0}
 
@@ -573,102 +567,139 @@ def render(R: dict) -> str:
     def row(name: str, value: str, note: str = "") -> None:
         rows.append((name, value, note))
 
-    m, st = R["machine"], R["state"]
+    def g(d: dict | None, *keys, default=None):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return default
+            d = d[k]
+        return d
+
+    m, st, cfg = R["machine"], R.get("state"), R["config"]
     sec("setup")
-    row("state", f"{st['bytes']['total']:,} B", f"{st['layers']} x Linear({st['width']},{st['width']}) + Adam "
-        f"({st['bytes']['total'] / GB:.3f} GB; snapshot {st['snapshot_bytes']:,} B incl. RNG)")
-    row("machine", f"{m['cpu_count']} CPU", f"{m['cpu_model']}; {(m.get('memory_total') or 0) / 2**30:.1f} GiB; "
-        f"torch {m['torch']}")
-    row("load average (start / end)", f"{R['load_start']} / {R['load_end']}", "")
-    row("compute threads", str(R["config"]["compute_threads"]),
-        f"optimizer step: {'all params' if R['config']['full_step'] else 'biases only'}")
+    if st:
+        row("state", f"{st['bytes']['total'] / GB:.3f} GB",
+            f"{st['bytes']['total']:,} B: {st['layers']} x Linear({st['width']},{st['width']}) fp32 + Adam; "
+            f"snapshot {st['snapshot_bytes']:,} B in {st['snapshot_tensors']} tensors (incl. RNG)")
+    row("machine", f"{m['cpu_count']} CPU", f"{m['cpu_model']}; {(m.get('memory_total') or 0) / 2**30:.1f} GiB RAM; "
+        f"torch {m['torch']} ({m['torch_threads']} threads); {m['platform']}")
+    row("load average", f"{R['load_start'][0] if R['load_start'] else '?'}",
+        f"1/5/15 min: start {R['load_start']}, end {R.get('load_end')}")
+    row("loops", f"{cfg['rounds']} x {cfg['steps']}",
+        f"rounds x measured steps per mode and regime (+{cfg['warmup']} warmup per block); compute threads "
+        f"{cfg['compute_threads']}; optimizer step updates {'all params' if cfg['full_step'] else 'biases only'}")
 
-    pc = R["plain_copy"]
-    sec("reference: plain Tensor.copy_ into pre-faulted memory")
-    for k in ("default_threads", "one_thread"):
-        c = pc[k]
-        row(f"copy_ ({c['threads']} thread{'s' if c['threads'] > 1 else ''})", fmt_gbps(c["gbps"]),
-            f"{fmt_s(c['s']['median'])} median of {c['s']['n']}")
-    row("T_copy (calibration)", fmt_s(R["calibration"]["t_copy_s"]),
-        f"matmul {fmt_s(R['calibration']['matmul_s'])}/iter")
+    pc = R.get("plain_copy")
+    if pc:
+        sec("reference: plain Tensor.copy_ of the state into pre-faulted memory")
+        for k in ("one_thread", "default_threads"):
+            c = pc[k]
+            row(f"copy_, {c['threads']} thread{'s' if c['threads'] > 1 else ''}", fmt_gbps(c["gbps"]),
+                f"{fmt_s(c['s']['median'])} median of {c['s']['n']} (best {fmt_s(c['s']['min'])})")
+        cal = R.get("calibration", {})
+        row("T_copy (calibration)", fmt_s(cal.get("t_copy_s")), f"matmul {Compute.N}^2: {fmt_s(cal.get('matmul_s'))}")
 
-    fs = R["first_snapshot"]
-    sec("shardkeep: first snapshot (new layout: slots created and mapped)")
-    row("snapshot() call", fmt_s(fs["snapshot_call_s"]), "")
-    row("blocked in the next step (hooks)", fmt_s(fs["next_step_blocked_s"]), "")
-    row("call -> local commit", fmt_s(fs["commit_latency_s"]), f"status {fs['status']} {fs.get('reason', '')}")
+    fs = R.get("first_snapshot")
+    if fs:
+        sec("shardkeep: first snapshot (new layout: slots created and mapped)")
+        row("snapshot() call", fmt_s(fs.get("snapshot_call_s")), "")
+        row("blocked in the next step (hooks)", fmt_s(fs.get("next_step_blocked_s")),
+            f"next step took {fmt_s(fs.get('next_step_s'))}")
+        row("call -> local commit", fmt_s(fs.get("commit_latency_s")),
+            f"status {fs.get('status')}{': ' + fs['reason'] if fs.get('reason') else ''}")
 
-    for reg in R["regimes"]:
+    summ_ = R.get("summary", {})
+    ra = R.get("ratios", {})
+    for reg in R.get("regimes", []):
         k = reg["key"]
-        sk, base, dl = R["loops"][f"shardkeep_{k}"], R["loops"][f"baseline_{k}"], R["loops"].get(f"dcp_{k}")
-        sec(f"training loop, {reg['label']} (compute {fmt_s(reg['target_s'])} target, "
-            f"{fmt_s(base['compute_s']['median'])} measured), medians of {sk['steps']} steps")
+        sk, base, dl = summ_.get(f"shardkeep_{k}"), summ_.get(f"baseline_{k}"), summ_.get(f"dcp_{k}")
+        if not (sk and base):
+            continue
+        sec(f"training loop, {reg['label']}: medians of {base['steps']} steps per mode")
+        row("compute per step (target)", fmt_s(reg["target_s"]),
+            f"measured: none {fmt_s(g(base, 'compute_s', 'median'))}, shardkeep {fmt_s(g(sk, 'compute_s', 'median'))}"
+            + (f", dcp {fmt_s(g(dl, 'compute_s', 'median'))}" if dl else ""))
         row("step, no checkpointing", fmt_s(base["step_s"]["median"]),
-            f"pre {fmt_s(R['loops'][f'baseline_{k}_pre']['step_s']['median'])} / "
-            f"post {fmt_s(R['loops'][f'baseline_{k}_post']['step_s']['median'])}")
+            "per round " + " / ".join(fmt_s(x) for x in base["round_step_medians_s"]))
         row("step, shardkeep every step", fmt_s(sk["step_s"]["median"]),
-            f"overhead {fmt_x(R['ratios'][f'step_overhead_shardkeep_{k}'])}")
-        row("  snapshot() call", fmt_s(sk["snapshot_call_s"]["median"]), f"max {fmt_s(sk['snapshot_call_s']['max'])}")
-        row("  blocked per step (call + hooks)", fmt_s(sk["blocked_s"]["median"]),
-            f"max {fmt_s(sk['blocked_s']['max'])}")
-        row("  call -> local commit", fmt_s(sk["commit_latency_s"]["median"]), "")
-        row("  copy throughput", fmt_gbps(R["ratios"][f"copy_gbps_{k}"]),
-            f"{fmt_x(R['ratios'][f'copy_vs_plain_copy_{k}'])} of plain copy_ (1 thread)")
+            f"overhead {fmt_x(ra.get(f'step_overhead_shardkeep_{k}'))}; per round "
+            + " / ".join(fmt_s(x) for x in sk["round_step_medians_s"]))
+        row("  snapshot() call", fmt_s(g(sk, "snapshot_call_s", "median")), f"max {fmt_s(g(sk, 'snapshot_call_s', 'max'))}")
+        row("  blocked per step (call + hooks)", fmt_s(g(sk, "blocked_s", "median")),
+            f"max {fmt_s(g(sk, 'blocked_s', 'max'))}; of which forward hook {fmt_s(g(sk, 'forward_s', 'median'))}")
+        row("  call -> local commit", fmt_s(g(sk, "commit_latency_s", "median")),
+            f"max {fmt_s(g(sk, 'commit_latency_s', 'max'))}")
+        row("  copy throughput", fmt_gbps(ra.get(f"copy_gbps_{k}")),
+            f"copy {fmt_s(g(sk, 'copy_s', 'median'))}; {fmt_x(ra.get(f'copy_vs_plain_copy_{k}'))} of plain copy_ (1 thread)")
         row("  committed / skipped / failed", f"{sk['committed']} / {sk['skipped']} / {sk['failed']}",
-            "; ".join(sk["skip_reasons"])[:60])
-        if dl is not None:
+            "; ".join(sk["skip_reasons"])[:80])
+        if dl:
             row("step, dcp.async_save every step", fmt_s(dl["step_s"]["median"]),
-                f"overhead {fmt_x(R['ratios'][f'step_overhead_dcp_{k}'])}")
-            row("  blocked per step (wait prev + call)", fmt_s(dl["blocked_s"]["median"]),
-                f"wait {fmt_s(dl['dcp_wait_prev_s']['median'])} + call {fmt_s(dl['dcp_call_s']['median'])}")
+                f"overhead {fmt_x(ra.get(f'step_overhead_dcp_{k}'))}; per round "
+                + " / ".join(fmt_s(x) for x in dl["round_step_medians_s"]))
+            row("  blocked per step (wait prev + call)", fmt_s(g(dl, "blocked_s", "median")),
+                f"wait {fmt_s(g(dl, 'dcp_wait_prev_s', 'median'))} + call {fmt_s(g(dl, 'dcp_call_s', 'median'))}; "
+                f"save total {fmt_s(g(dl, 'dcp_total_s', 'median'))}")
 
-    rs = R["restore"]
-    sec("restore")
-    row("shardkeep warm restore (in process)", fmt_s(rs["warm"]["s"]["median"]), fmt_gbps(rs["warm"]["gbps"]))
-    tl = R["torch_file"]
-    row("torch.load + load_state_dict, evicted", fmt_s(tl["load_evicted"]["total_s"]["median"]),
-        f"torch.load alone {fmt_s(tl['load_evicted']['load_s']['median'])}")
-    row("torch.load + load_state_dict, cached", fmt_s(tl["load_cached"]["total_s"]["median"]),
-        f"torch.load alone {fmt_s(tl['load_cached']['load_s']['median'])}")
-    for name, c in R["cold"].items():
-        p = c["phases_s"]
-        row(f"cold {name}: restore", fmt_s(p["restore"]),
-            f"start->first step {fmt_s(c['spawn_to_first_step_s'])} (torch import {fmt_s(p['import_torch'])}, "
-            f"build {fmt_s(p['build_model'])})")
+    rs, tl, cold = R.get("restore"), R.get("torch_file"), R.get("cold", {})
+    if rs or tl:
+        sec("restore (into the existing model and optimizer)")
+    if rs:
+        row("shardkeep warm restore (in process)", fmt_s(rs["warm"]["s"]["median"]),
+            f"{fmt_gbps(rs['warm']['gbps'])}; {rs['warm']['bytes']:,} B; min {fmt_s(rs['warm']['s']['min'])}")
+    if tl and "load_evicted" in tl:
+        for mode in ("evicted", "cached"):
+            row(f"torch.load + load_state_dict, {mode}", fmt_s(tl[f"load_{mode}"]["total_s"]["median"]),
+                f"torch.load alone {fmt_s(tl[f'load_{mode}']['load_s']['median'])}")
+    if cold:
+        sec("cold restore: fresh process (interpreter + import torch + build model + restore + 1 step)")
+        for name, c in cold.items():
+            p = c["phases_s"]
+            row(f"{name}: restore", fmt_s(p["restore"]),
+                f"process start -> first step {fmt_s(c['spawn_to_first_step_s'])} (python {fmt_s(p['interpreter_start'])}, "
+                f"import torch {fmt_s(p['import_torch'])}, build {fmt_s(p['build_model'])}, "
+                f"client {fmt_s(p['client_setup'])}, step {fmt_s(p['first_step'])})")
 
-    sec("checkpoint to disk (" + m["tmp_dir_fs"] + ")")
-    row("torch.save + fsync", fmt_s(tl["save"]["total_s"]["median"]),
-        f"fsync {fmt_s(tl['save']['fsync_s']['median'])}")
     d = R.get("dcp")
+    if tl or d:
+        sec(f"checkpoint to disk ({m['tmp_dir_fs']})")
+    if tl and "save" in tl:
+        row("torch.save + fsync", fmt_s(tl["save"]["total_s"]["median"]),
+            f"fsync {fmt_s(tl['save']['fsync_s']['median'])}; {tl['save']['bytes']:,} B")
     if d:
         row("dcp.save", fmt_s(d["save"]["median"]), "")
-        row("dcp.async_save blocking (call returns)", fmt_s(d["async_call"]["median"]), "")
-        row("dcp.async_save total (future done)", fmt_s(d["async_total"]["median"]), "")
+        row("dcp.async_save, blocking (until the call returns)", fmt_s(d["async_call"]["median"]), "")
+        row("dcp.async_save, total (until the future is done)", fmt_s(d["async_total"]["median"]), "")
 
-    r = R["ratios"]
-    sec("ratios (>1 means shardkeep is faster / smaller, except overhead)")
-    for k, label in [
-        ("restore_warm_vs_torch_load_evicted", "torch.load+lsd (evicted) / shardkeep warm restore"),
-        ("restore_warm_vs_torch_load_cached", "torch.load+lsd (cached) / shardkeep warm restore"),
+    labels = [
+        ("restore_warm_vs_torch_load_evicted", "torch.load+load_state_dict (evicted) / shardkeep warm restore"),
+        ("restore_warm_vs_torch_load_cached", "torch.load+load_state_dict (cached) / shardkeep warm restore"),
+        ("restore_warm_vs_torch_load_only_evicted", "torch.load alone (evicted) / shardkeep warm restore"),
         ("restore_warm_vs_torch_load_only_cached", "torch.load alone (cached) / shardkeep warm restore"),
-        ("cold_restore_vs_torch_load_evicted", "cold: torch.load+lsd (evicted) / shardkeep restore"),
-        ("cold_restore_vs_torch_load_cached", "cold: torch.load+lsd (cached) / shardkeep restore"),
-        ("cold_first_step_vs_torch_load_evicted", "cold: start->first step, torch.load (evicted) / shardkeep"),
-        ("cold_first_step_vs_torch_load_cached", "cold: start->first step, torch.load (cached) / shardkeep"),
-        ("dcp_async_call_vs_blocked_short", "dcp.async_save call / shardkeep blocked per step (short)"),
-        ("dcp_async_call_vs_blocked_long", "dcp.async_save call / shardkeep blocked per step (long)"),
-        ("dcp_loop_blocked_vs_blocked_short", "dcp loop blocked / shardkeep blocked per step (short)"),
-        ("dcp_loop_blocked_vs_blocked_long", "dcp loop blocked / shardkeep blocked per step (long)"),
-        ("copy_vs_plain_copy_short", "shardkeep copy GB/s / plain copy_ GB/s (1 thread), short"),
-        ("copy_vs_plain_copy_long", "shardkeep copy GB/s / plain copy_ GB/s (1 thread), long"),
-        ("copy_vs_plain_copy_default_long", f"same vs plain copy_ ({pc['default_threads']['threads']} threads), long"),
-        ("step_overhead_shardkeep_short", "step time shardkeep / none (short)"),
-        ("step_overhead_shardkeep_long", "step time shardkeep / none (long)"),
-        ("step_overhead_dcp_short", "step time dcp.async_save / none (short)"),
-        ("step_overhead_dcp_long", "step time dcp.async_save / none (long)"),
-    ]:
-        if k in r:
-            row(label, fmt_x(r[k]), "")
+        ("cold_restore_vs_torch_load_evicted", "cold restore: torch.load+lsd (evicted) / shardkeep"),
+        ("cold_restore_vs_torch_load_cached", "cold restore: torch.load+lsd (cached) / shardkeep"),
+        ("cold_first_step_vs_torch_load_evicted", "cold start->first step: torch.load (evicted) / shardkeep"),
+        ("cold_first_step_vs_torch_load_cached", "cold start->first step: torch.load (cached) / shardkeep"),
+        ("dcp_async_call_vs_blocked_short", "dcp.async_save call / shardkeep blocked per step, short"),
+        ("dcp_async_call_vs_blocked_long", "dcp.async_save call / shardkeep blocked per step, long"),
+        ("dcp_loop_blocked_vs_blocked_short", "dcp loop blocked / shardkeep blocked per step, short"),
+        ("dcp_loop_blocked_vs_blocked_long", "dcp loop blocked / shardkeep blocked per step, long"),
+        ("copy_vs_plain_copy_short", "shardkeep copy GB/s / plain copy_ 1 thread, short"),
+        ("copy_vs_plain_copy_long", "shardkeep copy GB/s / plain copy_ 1 thread, long"),
+        ("copy_vs_plain_copy_best_long", "shardkeep copy GB/s / best plain copy_, long"),
+        ("step_overhead_shardkeep_short", "step time shardkeep / no checkpointing, short"),
+        ("step_overhead_shardkeep_long", "step time shardkeep / no checkpointing, long"),
+        ("step_overhead_dcp_short", "step time dcp.async_save / no checkpointing, short"),
+        ("step_overhead_dcp_long", "step time dcp.async_save / no checkpointing, long"),
+    ]
+    if ra:
+        sec("ratios (speed-ups: >1 means shardkeep is faster; overheads: 1.00x means none)")
+        for k, label in labels:
+            if ra.get(k) is not None:
+                row(label, fmt_x(ra[k]), "")
+
+    if not R.get("ok", True):
+        sec("FAILED")
+        row("error", "", (R.get("error") or "").strip().splitlines()[-1] if R.get("error") else "")
 
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
@@ -695,6 +726,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 GB of Linear(2048) layers, 4 steps")
     ap.add_argument("--width", type=int, default=None, help="Linear width (default: 4096; 2048 with --quick)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps at the start of each loop (default: 1)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of (no checkpoint, shardkeep, dcp) loop blocks per regime, interleaved so that "
+                         "load from other work hits all three alike (default: 2)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of copy, restore and load (default: 3)")
     ap.add_argument("--disk-reps", type=int, default=2,
                     help="repetitions of torch.save, dcp.save and dcp.async_save (default: 2)")
@@ -766,10 +800,11 @@ def main(argv=None) -> int:
 
         # 2. reference copy and calibration ------------------------------------------------------------
         R["loads"]["plain_copy"] = loadavg()
-        R["plain_copy"] = {"default_threads": plain_copy(tensors, args.reps, default_threads),
-                           "one_thread": plain_copy(tensors, args.reps, 1)}
+        R["plain_copy"] = {"default_threads": plain_copy(tensors, max(5, args.reps), default_threads),
+                           "one_thread": plain_copy(tensors, max(5, args.reps), 1)}
         del tensors
-        t_copy = R["plain_copy"]["default_threads"]["s"]["median"]
+        # the faster of the two: on a small shared machine the multi-threaded copy_ can be the slower one
+        t_copy = min(R["plain_copy"]["default_threads"]["s"]["median"], R["plain_copy"]["one_thread"]["s"]["median"])
         torch.set_num_threads(args.compute_threads)
         compute = Compute()
         mm_s = compute.calibrate()
@@ -787,8 +822,9 @@ def main(argv=None) -> int:
             f"T_copy {t_copy * 1e3:.1f} ms; matmul {mm_s * 1e3:.2f} ms; iters "
             + ", ".join(f"{r['key']}={r['iters']}" for r in regimes))
 
-        loops: dict = {}
-        R["loops"] = loops
+        loops: dict = {}      # every block of steps, raw
+        summary: dict = {}    # per (mode, regime): all rounds' measured steps together
+        R["loops"], R["summary"] = loops, summary
         step = 1
         common = dict(model=model, opt=opt, width=args.width, compute=compute, steps=args.steps,
                       warmup=args.warmup, full_step=args.full_step)
@@ -802,33 +838,32 @@ def main(argv=None) -> int:
                 torch.set_num_threads(default_threads)
             step += args.warmup + args.steps
             loops[name] = res
-            log(f"{name}: step {res['step_s']['median'] * 1e3:.1f} ms, blocked "
-                f"{res['blocked_s']['median'] * 1e3:.2f} ms (median)")
+            sm = summarize(res["records"])
+            res["summary"] = sm
+            log(f"{name}: step {sm['step_s']['median'] * 1e3:.1f} ms, compute {sm['compute_s']['median'] * 1e3:.1f} ms"
+                f", blocked {sm['blocked_s']['median'] * 1e3:.2f} ms (medians)")
             return res
 
-        # 3a. baseline loops (before) -------------------------------------------------------------------
-        for reg in regimes:
-            run_loop(f"baseline_{reg['key']}_pre", reg["iters"])
-
-        # 3b. shardkeep ------------------------------------------------------------------------------------
+        # 3a. shardkeep: daemon, client, first snapshot (a new layout: registration) --------------------------
         daemon = Daemon(Path(tmp_root) / "daemon").start()
         log(f"daemon up: prefix {daemon.prefix}, socket {daemon.socket}")
         job = f"bench-{secrets.token_hex(4)}"
         snap = Snapshotter(socket=daemon.socket, job=job, rank=0, world_size=1)
-
-        # first snapshot: registration of a new layout, then one step that runs into its hooks
         R["loads"]["first_snapshot"] = loadavg()
         torch.set_num_threads(args.compute_threads)
-        fs: dict = {}
+        fs: dict = {"step": step}
         b0 = snap.stats.blocked_s
         c0 = perf()
         fut = snap.snapshot(state, step)
         fs["snapshot_call_s"] = perf() - c0
         fut.add_done_callback(lambda f: fs.__setitem__("commit_latency_s", perf() - c0))
         b1 = snap.stats.blocked_s
+        # the next training step runs into the hooks of this snapshot
+        t0 = perf()
         model(empty_batch(args.width))
         compute.run(regimes[0]["iters"])
         opt.step()
+        fs["next_step_s"] = perf() - t0
         fs["next_step_blocked_s"] = snap.stats.blocked_s - b1
         fs["blocked_in_call_s"] = b1 - b0
         res = fut.result(timeout=600)
@@ -840,24 +875,66 @@ def main(argv=None) -> int:
         step += 1
         log(f"first snapshot: {fs}")
 
-        for reg in regimes:
-            run_loop(f"shardkeep_{reg['key']}", reg["iters"], snap=snap, state=state)
+        # 3b. training loops: rounds of (no checkpoint, shardkeep, dcp.async_save) blocks, per regime --------
+        if not args.no_dcp:
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        # 3c. baseline loops (after) ----------------------------------------------------------------------
-        for reg in regimes:
-            run_loop(f"baseline_{reg['key']}_post", reg["iters"])
+            dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_root, "pg-store"), 1),
+                                    rank=0, world_size=1)
+            pg = True
+        ckpt = os.path.join(tmp_root, "dcp")
+        modes = ["baseline", "shardkeep"] + ([] if args.no_dcp else ["dcp"])
         for reg in regimes:
             k = reg["key"]
-            pre, post = loops[f"baseline_{k}_pre"], loops[f"baseline_{k}_post"]
-            steady = [r for lp in (pre, post) for r in lp["records"] if not r["warmup"]]
-            loops[f"baseline_{k}"] = {"step_s": summ([r["step_s"] for r in steady]),
-                                      "compute_s": summ([r["compute_s"] for r in steady])}
+            R["loads"][f"loops_{k}"] = loadavg()
+            for rnd in range(args.rounds):
+                run_loop(f"baseline_{k}_r{rnd}", reg["iters"])
+                run_loop(f"shardkeep_{k}_r{rnd}", reg["iters"], snap=snap, state=state)
+                if not args.no_dcp:
+                    run_loop(f"dcp_{k}_r{rnd}", reg["iters"], dcp_saver=DcpLoopSaver(model, opt, ckpt))
+            for mode in modes:
+                recs = [r for rnd in range(args.rounds) for r in loops[f"{mode}_{k}_r{rnd}"]["records"]]
+                summary[f"{mode}_{k}"] = summarize(recs)
+                summary[f"{mode}_{k}"]["round_step_medians_s"] = [
+                    loops[f"{mode}_{k}_r{rnd}"]["summary"]["step_s"]["median"] for rnd in range(args.rounds)]
         R["snapshot_stats"] = dict(vars(snap.stats))
 
-        # 4a. warm restore -----------------------------------------------------------------------------------
+        # 4. dcp.save and dcp.async_save on their own ------------------------------------------------------------
+        if not args.no_dcp:
+            R["loads"]["dcp"] = loadavg()
+            d = {"save_runs": [], "async_runs": []}
+            for _ in range(args.disk_reps):
+                t0 = perf()
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+                d["save_runs"].append(perf() - t0)
+                del msd, osd
+            for _ in range(args.disk_reps):
+                t0 = perf()
+                msd, osd = get_state_dict(model, opt)
+                f = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+                t1 = perf()
+                f.result(timeout=600)
+                t2 = perf()
+                d["async_runs"].append({"call_s": t1 - t0, "total_s": t2 - t0})
+                del msd, osd, f
+            d["save"] = summ(d["save_runs"])
+            d["async_call"] = summ([r["call_s"] for r in d["async_runs"]])
+            d["async_total"] = summ([r["total_s"] for r in d["async_runs"]])
+            R["dcp"] = d
+            log(f"dcp.save {d['save']['median']:.3f} s; async_save call {d['async_call']['median']:.3f} s, "
+                f"total {d['async_total']['median']:.3f} s")
+            shutil.rmtree(ckpt, ignore_errors=True)
+            dist.destroy_process_group()  # restore() below must not see a process group
+            pg = False
+
+        # 5a. warm restore -----------------------------------------------------------------------------------
         R["loads"]["restore"] = loadavg()
-        last_committed = max(r["step"] for lp in loops.values() for r in lp.get("records", [])
+        last_committed = max(r["step"] for lp in loops.values() for r in lp["records"]
                              if r.get("status") == "committed")
+        gc.collect()
         warm = []
         for _ in range(args.reps):
             t0 = perf()
@@ -874,7 +951,7 @@ def main(argv=None) -> int:
         snap.close()
         snap = None
 
-        # 4b. cold restore, shardkeep -------------------------------------------------------------------------
+        # 5b. cold restore, shardkeep -------------------------------------------------------------------------
         spec = {"layers": n_layers, "width": args.width, "threads": default_threads, "full_step": args.full_step}
         R["cold"] = {}
         R["loads"]["cold_shardkeep"] = loadavg()
@@ -885,11 +962,11 @@ def main(argv=None) -> int:
         R["cold"]["shardkeep"] = c
         log(f"cold shardkeep: restore {c['phases_s']['restore']:.3f} s, start->first step "
             f"{c['spawn_to_first_step_s']:.3f} s ({c.get('restore_info')})")
-        # free the daemon's memory before the disk baselines
-        daemon.stop()
+        R["daemon_log_tail"] = daemon.log_tail()
+        daemon.stop()  # frees its shared memory before the file baselines
         daemon = None
 
-        # 5. torch.save / torch.load --------------------------------------------------------------------------
+        # 6. torch.save / torch.load --------------------------------------------------------------------------
         tf: dict = {}
         R["torch_file"] = tf
         path = os.path.join(tmp_root, "state.pt")
@@ -928,51 +1005,10 @@ def main(argv=None) -> int:
                 f"{c['spawn_to_first_step_s']:.3f} s")
         os.unlink(path)
 
-        # 6. torch.distributed.checkpoint -----------------------------------------------------------------------
-        if not args.no_dcp:
-            import torch.distributed as dist
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_root, "pg-store"), 1),
-                                    rank=0, world_size=1)
-            pg = True
-            ckpt = os.path.join(tmp_root, "dcp")
-            R["loads"]["dcp"] = loadavg()
-            d = {"save_runs": [], "async_runs": []}
-            for _ in range(args.disk_reps):
-                t0 = perf()
-                msd, osd = get_state_dict(model, opt)
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-                d["save_runs"].append(perf() - t0)
-                del msd, osd
-            for _ in range(args.disk_reps):
-                t0 = perf()
-                msd, osd = get_state_dict(model, opt)
-                f = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-                t1 = perf()
-                f.result(timeout=600)
-                t2 = perf()
-                d["async_runs"].append({"call_s": t1 - t0, "total_s": t2 - t0})
-                del msd, osd, f
-            d["save"] = summ(d["save_runs"])
-            d["async_call"] = summ([r["call_s"] for r in d["async_runs"]])
-            d["async_total"] = summ([r["total_s"] for r in d["async_runs"]])
-            R["dcp"] = d
-            log(f"dcp.save {d['save']['median']:.3f} s; async_save call {d['async_call']['median']:.3f} s, "
-                f"total {d['async_total']['median']:.3f} s")
-            for reg in regimes:
-                saver = DcpLoopSaver(model, opt, ckpt)
-                res = run_loop(f"dcp_{reg['key']}", reg["iters"], dcp_saver=saver)
-                res["dcp_total_s"] = summ(list(saver.totals.values()))
-            shutil.rmtree(ckpt, ignore_errors=True)
-            dist.destroy_process_group()
-            pg = False
-
         # 7. ratios ---------------------------------------------------------------------------------------------
         ra: dict = {}
         pc1 = R["plain_copy"]["one_thread"]["gbps"]
-        pcd = R["plain_copy"]["default_threads"]["gbps"]
+        pcb = max(pc1, R["plain_copy"]["default_threads"]["gbps"])
         warm_s = R["restore"]["warm"]["s"]["median"]
         for mode in ("evicted", "cached"):
             ra[f"restore_warm_vs_torch_load_{mode}"] = ratio(tf[f"load_{mode}"]["total_s"]["median"], warm_s)
@@ -983,14 +1019,14 @@ def main(argv=None) -> int:
                                                                  cs["spawn_to_first_step_s"])
         for reg in regimes:
             k = reg["key"]
-            sk, base = loops[f"shardkeep_{k}"], loops[f"baseline_{k}"]
+            sk, base = summary[f"shardkeep_{k}"], summary[f"baseline_{k}"]
             gbps = ratio(snap_bytes, sk["copy_s"]["median"])
             ra[f"copy_gbps_{k}"] = gbps / GB if gbps else None
             ra[f"copy_vs_plain_copy_{k}"] = ratio(ra[f"copy_gbps_{k}"], pc1)
-            ra[f"copy_vs_plain_copy_default_{k}"] = ratio(ra[f"copy_gbps_{k}"], pcd)
+            ra[f"copy_vs_plain_copy_best_{k}"] = ratio(ra[f"copy_gbps_{k}"], pcb)
             ra[f"step_overhead_shardkeep_{k}"] = ratio(sk["step_s"]["median"], base["step_s"]["median"])
             if "dcp" in R:
-                dl = loops[f"dcp_{k}"]
+                dl = summary[f"dcp_{k}"]
                 ra[f"step_overhead_dcp_{k}"] = ratio(dl["step_s"]["median"], base["step_s"]["median"])
                 ra[f"dcp_async_call_vs_blocked_{k}"] = ratio(R["dcp"]["async_call"]["median"],
                                                              sk["blocked_s"]["median"])
@@ -1018,12 +1054,15 @@ def main(argv=None) -> int:
             import psutil
 
             R["machine"]["memory_available_at_end"] = psutil.virtual_memory().available
+        try:
+            text = render(R)
+        except Exception:  # noqa: BLE001 - a partial run still writes its JSON
+            text = "(no summary: " + traceback.format_exc().strip().splitlines()[-1] + ")"
+        R["summary_text"] = text
         with open(out_path, "w") as f:
             json.dump(R, f, indent=1, default=str)
+        print("\n" + text, flush=True)
         print(f"\nresults: {out_path}", flush=True)
-    print()
-    print(render(R))
-    print(f"\nresults: {out_path}")
     return 0
 
 

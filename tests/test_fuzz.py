@@ -122,7 +122,7 @@ def test_random_frames(daemon, raw, frames):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(["v", "id", "type", "job", "rank", "step", "session", "slot", "pin",
                                         "world_size", "data_bytes", "local_world_size", "manifest_bytes"]),
-                       st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.text(max_size=30)
+                       st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=30)
                        | st.sampled_from(["register", "begin", "commit", "open", "status", "release", "finish"]),
                        max_size=10))
 def test_random_headers(daemon, raw, header):

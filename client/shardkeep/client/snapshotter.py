@@ -182,6 +182,7 @@ class Snapshotter:
         self._faults = fault_plan()
         self._cuda_stream = None
         self._daemon_ok = True  # False after a failed request: hooks then never wait for one
+        self._registering = False  # slots for a new layout are being made: hooks never wait for that
         self._worker = threading.Thread(target=self._run, name=f"shardkeep-copy-{self.rank}", daemon=True)
         self._worker.start()
 
@@ -229,10 +230,11 @@ class Snapshotter:
         fell_back: list[tuple[int, str]] = []
         restored: int | None = None
         nbytes = 0
+        manifest_len = 0
         for step in candidates:
             self._faults.hit(Phase.RESTORE)
             try:
-                nbytes = self._restore_version(state, step)
+                nbytes, manifest_len = self._restore_version(state, step)
                 ok = True
             except IntegrityError as exc:
                 log.error("job %s rank %d: version %d failed verification: %s", self.job, self.rank, step, exc)
@@ -255,6 +257,11 @@ class Snapshotter:
             return None
         self._request("resume", {"job": self.job, "rank": self.rank, "step": restored})
         self.last_restore = RestoreInfo(restored, "local shm", fell_back, time.perf_counter() - t0, nbytes)
+        # the next snapshot has the restored layout: register and map its slots now, not on the hot path
+        try:
+            self._reg = self._register(nbytes, _manifest_capacity(manifest_len))
+        except ShardkeepError as exc:
+            log.warning("job %s rank %d: could not prepare slots after restore: %s", self.job, self.rank, exc)
         log.info("job %s rank %d: %s", self.job, self.rank, self.last_restore)
         return restored
 
@@ -319,7 +326,8 @@ class Snapshotter:
         """
         t0 = time.perf_counter()
         limit = 3 * self.timeout if limit is None else limit
-        if not p.started.wait(self.max_stall if self._daemon_ok else 0.0):
+        stall = self.max_stall if self._daemon_ok and not self._registering else 0.0
+        if not p.started.wait(stall):
             with p.lock:
                 if not p.copying:
                     p.cancelled = True
@@ -413,7 +421,11 @@ class Snapshotter:
             reg = self._reg
             if (reg is None or reg.instance != self._instance or data_bytes > reg.data_capacity
                     or manifest_len > reg.manifest_capacity):
-                reg = self._reg = self._register(data_bytes, int(manifest_len * 1.25) + (64 << 10))
+                self._registering = True
+                try:
+                    reg = self._reg = self._register(data_bytes, _manifest_capacity(manifest_len))
+                finally:
+                    self._registering = False
             try:
                 r = self._request("begin", {"job": self.job, "rank": self.rank, "step": p.step,
                                             "session": reg.session})
@@ -547,7 +559,7 @@ class Snapshotter:
                 rest.into(state, key, saved, str(key))
             if saved_rng is not None and self.capture_rng:
                 rng_mod.restore(rest.owned(saved_rng))
-            return m.data_bytes
+            return m.data_bytes, mlen
         except IntegrityError as exc:
             bad = str(exc)
             raise
@@ -559,6 +571,11 @@ class Snapshotter:
                 self._request("release", fields)
             except ShardkeepError as exc:
                 log.warning("release of step %d failed: %s", step, exc)
+
+
+def _manifest_capacity(manifest_len: int) -> int:
+    """Room for the manifest to grow (non-tensor state changes size between steps)."""
+    return int(manifest_len * 1.25) + (64 << 10)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
