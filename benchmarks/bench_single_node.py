@@ -206,7 +206,7 @@ def empty_batch(width: int) -> torch.Tensor:
 class Compute:
     """Simulated compute: matmuls on scratch tensors (never the model), a fixed amount of work."""
 
-    N = 512
+    N = 256
 
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
@@ -584,6 +584,8 @@ def render(R: dict) -> str:
         f"torch {m['torch']} ({m['torch_threads']} threads); {m['platform']}")
     row("load average", f"{R['load_start'][0] if R['load_start'] else '?'}",
         f"1/5/15 min: start {R['load_start']}, end {R.get('load_end')}")
+    row("torch threads", str(cfg["threads"]), f"intra-op threads outside the simulated compute (torch default "
+        f"{m['torch_threads']})")
     row("loops", f"{cfg['rounds']} x {cfg['steps']}",
         f"rounds x measured steps per mode and regime (+{cfg['warmup']} warmup per block); compute threads "
         f"{cfg['compute_threads']}; optimizer step updates {'all params' if cfg['full_step'] else 'biases only'}")
@@ -591,7 +593,7 @@ def render(R: dict) -> str:
     pc = R.get("plain_copy")
     if pc:
         sec("reference: plain Tensor.copy_ of the state into pre-faulted memory")
-        for k in ("one_thread", "default_threads"):
+        for k in ("one_thread", "torch_default"):
             c = pc[k]
             row(f"copy_, {c['threads']} thread{'s' if c['threads'] > 1 else ''}", fmt_gbps(c["gbps"]),
                 f"{fmt_s(c['s']['median'])} median of {c['s']['n']} (best {fmt_s(c['s']['min'])})")
@@ -701,8 +703,8 @@ def render(R: dict) -> str:
         sec("FAILED")
         row("error", "", (R.get("error") or "").strip().splitlines()[-1] if R.get("error") else "")
 
-    w0 = max(len(a) for a, _, _ in rows)
-    w1 = max(len(b) for _, b, _ in rows)
+    w0 = max(len(a) for a, _, _ in rows if not a.startswith("== "))
+    w1 = max(len(b) for a, b, _ in rows if not a.startswith("== "))
     lines = []
     for a, b, c in rows:
         if a.startswith("== "):
@@ -732,6 +734,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of copy, restore and load (default: 3)")
     ap.add_argument("--disk-reps", type=int, default=2,
                     help="repetitions of torch.save, dcp.save and dcp.async_save (default: 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for everything but the simulated compute (restore, torch.load, "
+                         "load_state_dict, the children). Default: torch's default, but 1 on machines with <= 2 "
+                         "CPUs, where a multi-threaded copy_ stalls (up to 10x) whenever other work holds a core")
     ap.add_argument("--compute-threads", type=int, default=1,
                     help="torch threads of the simulated compute; the rest of the cores are left to the "
                          "background copy, as on a GPU trainer whose CPU waits (default: 1)")
@@ -752,6 +758,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.steps = 4
         args.width = args.width or 2048
     args.width = args.width or 4096
+    if args.threads is None:
+        args.threads = 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
     return args
 
 
@@ -776,7 +784,9 @@ def main(argv=None) -> int:
     snap = None
     pg = False
     ok = False
-    default_threads = torch.get_num_threads()
+    torch_default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    default_threads = args.threads
     try:
         # 1. state ------------------------------------------------------------------------------------
         n_layers = max(1, round(args.size * GB / layer_bytes(args.width)))
@@ -800,11 +810,11 @@ def main(argv=None) -> int:
 
         # 2. reference copy and calibration ------------------------------------------------------------
         R["loads"]["plain_copy"] = loadavg()
-        R["plain_copy"] = {"default_threads": plain_copy(tensors, max(5, args.reps), default_threads),
+        R["plain_copy"] = {"torch_default": plain_copy(tensors, max(5, args.reps), torch_default_threads),
                            "one_thread": plain_copy(tensors, max(5, args.reps), 1)}
         del tensors
         # the faster of the two: on a small shared machine the multi-threaded copy_ can be the slower one
-        t_copy = min(R["plain_copy"]["default_threads"]["s"]["median"], R["plain_copy"]["one_thread"]["s"]["median"])
+        t_copy = min(R["plain_copy"]["torch_default"]["s"]["median"], R["plain_copy"]["one_thread"]["s"]["median"])
         torch.set_num_threads(args.compute_threads)
         compute = Compute()
         mm_s = compute.calibrate()
@@ -817,8 +827,8 @@ def main(argv=None) -> int:
             reg["iters"] = max(1, round(reg["target_s"] / mm_s))
         R["calibration"] = {"t_copy_s": t_copy, "matmul_s": mm_s, "matmul_n": Compute.N}
         R["regimes"] = regimes
-        log(f"plain copy_ {R['plain_copy']['default_threads']['gbps']:.2f} GB/s "
-            f"({default_threads} threads), {R['plain_copy']['one_thread']['gbps']:.2f} GB/s (1 thread); "
+        log(f"plain copy_ {R['plain_copy']['torch_default']['gbps']:.2f} GB/s "
+            f"({torch_default_threads} threads), {R['plain_copy']['one_thread']['gbps']:.2f} GB/s (1 thread); "
             f"T_copy {t_copy * 1e3:.1f} ms; matmul {mm_s * 1e3:.2f} ms; iters "
             + ", ".join(f"{r['key']}={r['iters']}" for r in regimes))
 
@@ -1008,7 +1018,7 @@ def main(argv=None) -> int:
         # 7. ratios ---------------------------------------------------------------------------------------------
         ra: dict = {}
         pc1 = R["plain_copy"]["one_thread"]["gbps"]
-        pcb = max(pc1, R["plain_copy"]["default_threads"]["gbps"])
+        pcb = max(pc1, R["plain_copy"]["torch_default"]["gbps"])
         warm_s = R["restore"]["warm"]["s"]["median"]
         for mode in ("evicted", "cached"):
             ra[f"restore_warm_vs_torch_load_{mode}"] = ratio(tf[f"load_{mode}"]["total_s"]["median"], warm_s)

@@ -18,6 +18,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps every rank snapshots")
     ap.add_argument("--extra-on-rank0", type=int, default=0, help="steps only rank 0 snapshots afterwards")
     ap.add_argument("--restore-only", action="store_true")
+    ap.add_argument("--out-dir", required=True)
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -37,8 +38,9 @@ def main() -> int:
     t.fill_(-1)
     restored = snap.restore(state)
     ok = restored is not None and bool(torch.all(t == 100 * rank + restored))
-    print(json.dumps({"rank": rank, "restored": restored, "values_ok": ok, "local_rank": snap.local_rank,
-                      "local_world_size": snap.local_world_size}), flush=True)
+    with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:  # ranks share stdout: use files
+        json.dump({"rank": rank, "restored": restored, "values_ok": ok, "local_rank": snap.local_rank,
+                   "local_world_size": snap.local_world_size}, f)
     snap.close()
     dist.destroy_process_group()
     return 0

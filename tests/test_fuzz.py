@@ -72,6 +72,13 @@ HOSTILE = [
     [msgpack.packb([[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]])],
     [b"\x91" * 200_000],  # 200k nested arrays
     [msgpack.packb({"v": 1, "id": 7, "type": "ping", "x": "y" * 2_000_000})],
+    [msgpack.packb({"v": 1, "id": 7, "type": ["ping"]})],            # unhashable type
+    [msgpack.packb({"v": 1, "id": 7, "type": {"a": 1}})],
+    [msgpack.packb({"v": True, "id": 7, "type": "ping"})],           # True == 1 in Python
+    [msgpack.packb({"v": 1.0, "id": 7, "type": "ping"})],
+    [msgpack.packb({"v": 1, "id": 7, "type": "ping", ("k",): 1})],
+    [_hdr(type="open", job="abc\n", rank=0, step=1)],               # a newline in a job id
+    [_hdr(type="status", job="ok", extra=[1, 2])],
 ]
 
 
@@ -135,33 +142,51 @@ def test_forged_manifests_are_refused(daemon, job_id):
     reg = ch.request("register", {"job": job_id, "rank": 0, "world_size": 1, "local_world_size": 1,
                                   "data_bytes": 4096, "manifest_bytes": 4096})
     session = reg.fields["session"]
-    slot = ch.request("begin", {"job": job_id, "rank": 0, "step": 1, "session": session}).fields["slot"]
-    base = dict(job=job_id, rank=0, world_size=1, local_world_size=1, step=1, history=0, data_bytes=4096,
-                checksums=[0], skeleton=pack_skeleton({}), tensors=[])
+
+    def manifest(step, **change):
+        base = dict(job=job_id, rank=0, world_size=1, local_world_size=1, step=step, history=0,
+                    data_bytes=4096, checksums=[0], skeleton=pack_skeleton({}), tensors=[])
+        return Manifest(**{**base, **change}).encode()
+
+    def raw_manifest(step, tensors):
+        return msgpack.packb({"format": 1, "algo": "xxh3_64", "job": job_id, "rank": 0, "world_size": 1,
+                              "local_world_size": 1, "step": step, "history": 0, "tensors": tensors,
+                              "data_bytes": 4096, "chunk": 1 << 20, "checksums": b"\0" * 8, "skeleton": b"\x80",
+                              "created": 0.0, "extra": {}})
+
     bad = [
-        b"not msgpack",
-        Manifest(**{**base, "data_bytes": 1 << 40}).encode(),                    # beyond the slot
-        Manifest(**{**base, "checksums": [0, 0, 0]}).encode(),                   # wrong count
-        Manifest(**{**base, "step": 2}).encode(),                                # another step
-        Manifest(**{**base, "job": "otherjob"}).encode(),                        # another job
-        msgpack.packb({"format": 1, "algo": "xxh3_64", "job": job_id, "tensors": [["t", "float32", [10**6], 0, 4 * 10**6]],
-                       "data_bytes": 4096, "chunk": 1 << 20, "checksums": b"\0" * 8}),
-        Manifest(**{**base, "skeleton": b"x" * 20000}).encode(),                 # exceeds manifest capacity
+        lambda step: b"not msgpack",
+        lambda step: manifest(step, data_bytes=1 << 40),                   # beyond the slot
+        lambda step: manifest(step, checksums=[0, 0, 0]),                  # wrong count
+        lambda step: manifest(step + 1),                                   # another step
+        lambda step: manifest(step, job="otherjob"),                       # another job
+        lambda step: manifest(step, skeleton=b"x" * 20000),                # exceeds the manifest region
+        lambda step: raw_manifest(step, [["t", "float32", [10**6], 0, 4 * 10**6]]),  # beyond data_bytes
+        lambda step: raw_manifest(step, [["t", ["float32"], [1], 0, 4]]),  # unhashable dtype
+        lambda step: raw_manifest(step, [["t", "float32", [1], 0, 4], ["u", "float32", [1], 0, 4]]),  # overlap
     ]
-    for raw_manifest in bad:
-        with pytest.raises((ProtocolError, CapacityError)):
-            ch.request("commit", {"job": job_id, "rank": 0, "step": 1, "session": session, "slot": slot},
-                       [raw_manifest])
+    assert raw_manifest(1, []) and Manifest.decode(raw_manifest(1, []), 4096)  # the forger's base is valid
+    for i, make in enumerate(bad):
+        step = 10 + i
+        slot = ch.request("begin", {"job": job_id, "rank": 0, "step": step, "session": session}).fields["slot"]
+        with pytest.raises((ProtocolError, CapacityError)) as ei:
+            ch.request("commit", {"job": job_id, "rank": 0, "step": step, "session": session, "slot": slot},
+                       [make(step)])
+        assert "internal error" not in str(ei.value)
+        # a failed commit frees its slot: the same writer goes on without registering again
+        states = [s["state"] for s in daemon.job_status(job_id)["ranks"]["0"]["slots"]]
+        assert "writing" not in states, states
     with pytest.raises(StaleSessionError):
-        ch.request("begin", {"job": job_id, "rank": 0, "step": 5, "session": "0" * 16})
+        ch.request("begin", {"job": job_id, "rank": 0, "step": 50, "session": "0" * 16})
     with pytest.raises(NotFoundError):
-        ch.request("open", {"job": job_id, "rank": 0, "step": 1})
+        ch.request("open", {"job": job_id, "rank": 0, "step": 10})
     # nothing was committed, and a real client still works afterwards
     assert daemon.job_status(job_id)["restorable"] == []
     with Snapshotter(socket=daemon.socket, job=job_id, rank=0, world_size=1) as snap:
-        assert snap.snapshot({"t": torch.ones(3)}, 3).result(timeout=30).status == "committed"
+        assert snap.snapshot({"t": torch.ones(3)}, 60).result(timeout=30).status == "committed"
         out = {"t": torch.zeros(3)}
-        assert snap.restore(out) == 3 and torch.equal(out["t"], torch.ones(3))
+        assert snap.restore(out) == 60 and torch.equal(out["t"], torch.ones(3))
+    assert daemon.status()["errors"] >= len(bad)
 
 
 def test_many_clients_that_vanish_leak_nothing(daemon, job_id):

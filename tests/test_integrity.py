@@ -105,3 +105,21 @@ def test_scribbled_header_is_dropped_at_adoption(daemon, job_id):
     daemon.start()
     assert daemon.status()["dropped_bad_slots"] == 1
     assert daemon.job_status(job_id)["restorable"] == [1]
+
+
+def test_versions_kept_by_a_resume_survive_a_daemon_restart(daemon, job_id):
+    t = torch.zeros(10)
+    with Snapshotter(socket=daemon.socket, job=job_id, rank=0, world_size=1, slots=4) as snap:
+        for step in range(4):
+            t.fill_(step)
+            snap.snapshot({"t": t}, step).result(timeout=30)
+        daemon.request("resume", {"job": job_id, "rank": 0, "step": 2})  # drops 3, keeps 2, 1, 0
+        assert snap.versions() == [2, 1, 0]
+        t.fill_(10)
+        snap.snapshot({"t": t}, 3).result(timeout=30)  # the new history's step 3
+    daemon.kill()
+    daemon.start()
+    assert daemon.job_status(job_id)["restorable"] == [3, 2, 1, 0]
+    with Snapshotter(socket=daemon.socket, job=job_id, rank=0, world_size=1) as snap:
+        out = {"t": torch.zeros(10)}
+        assert snap.restore(out) == 3 and torch.equal(out["t"], torch.full((10,), 10.0))

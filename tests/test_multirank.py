@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,14 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 def torchrun(daemon, job, *args, nproc=2) -> list[dict]:
     env = dict(os.environ, SHARDKEEP_SOCKET=daemon.socket, SHARDKEEP_JOB=job, OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         str(WORKER), *args],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    out = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    with tempfile.TemporaryDirectory() as out_dir:
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+             str(WORKER), "--out-dir", out_dir, *args],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        out = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("rank*.json"))]
     assert len(out) == nproc, r.stdout
     return sorted(out, key=lambda e: e["rank"])
 

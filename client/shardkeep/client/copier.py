@@ -77,7 +77,8 @@ def copy_all(
 
     Checksums need offsets in increasing order, so the layout already follows ``order``.
     """
-    for pos, i in enumerate(order):
-        e = entries[i]
-        copy_tensor(tensors[i], dst_view(region, e, dtypes[i]), e.nbytes, e.offset, hasher, stream)
-        after(pos)
+    with torch.no_grad():  # sources may require grad; the copy must not join their graph
+        for pos, i in enumerate(order):
+            e = entries[i]
+            copy_tensor(tensors[i], dst_view(region, e, dtypes[i]), e.nbytes, e.offset, hasher, stream)
+            after(pos)

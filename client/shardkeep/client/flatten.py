@@ -30,9 +30,14 @@ def is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    getattr(torch, n): n for n in DTYPE_ITEMSIZE if isinstance(getattr(torch, n, None), torch.dtype)
+}
+
+
 def dtype_name(t: torch.Tensor, path: str) -> str:
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in DTYPE_ITEMSIZE:
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
         raise TypeError(f"state[{path}]: dtype {t.dtype} is not supported")
     return name
 
@@ -49,22 +54,22 @@ class Flat:
     _late_ptrs: set[int] = field(default_factory=set)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> TensorRef:
-        if t.layout != torch.strided:
+        # this runs on the training thread for every tensor of every snapshot: keep it lean
+        if t.layout is not torch.strided:
             raise TypeError(f"state[{path}]: {t.layout} tensors are not supported; densify them first")
-        if t.is_quantized:
-            raise TypeError(f"state[{path}]: quantized tensors are not supported")
-        if t.device.type == "meta":
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"state[{path}]: dtype {t.dtype} is not supported")
+        if t.is_meta:
             raise TypeError(f"state[{path}]: meta tensors hold no data")
-        dtype_name(t, path)
-        t = t.detach()
-        key = (t.device.type, t.device.index, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-        idx = self._seen.get(key) if t.numel() else None
+        ptr = t.data_ptr()
+        key = (ptr, t.get_device(), t.dtype, t.shape, t.stride())
+        idx = self._seen.get(key) if ptr else None
         if idx is None:  # tied weights and repeated views are stored once
             idx = len(self.tensors)
             self._seen[key] = idx
             self.tensors.append(t)
             self.names.append(path)
-            self.late.append(t.data_ptr() in self._late_ptrs)
+            self.late.append(ptr in self._late_ptrs)
         return TensorRef(idx)
 
 
@@ -73,8 +78,7 @@ def flatten(state: dict, rng_state: dict | None) -> Flat:
         raise TypeError(f"state must be a dict of named objects, got {type(state).__name__}")
     flat = Flat()
     _collect_hooks(state, flat, set())
-    for m in flat.modules:
-        flat._late_ptrs.update(p.data_ptr() for p in m.parameters())
+    # optimizer.step() changes the parameters it owns and its own state; forward changes the rest
     for o in flat.optimizers:
         for g in o.param_groups:
             flat._late_ptrs.update(p.data_ptr() for p in g["params"])

@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from shardkeep.proto.errors import CapacityError, IntegrityError
+from shardkeep.proto.errors import CapacityError, IntegrityError, PermissionDeniedError
 from shardkeep.proto.manifest import Manifest, checksum
 from shardkeep.proto.slotfile import (
     HEADER_SIZE,
@@ -42,7 +42,6 @@ class Slot:
     pins: dict[str, float] = field(default_factory=dict)  # pin token -> lease expiry
     manifest: Manifest | None = None
     begun_at: float = 0.0
-    drop_when_unpinned: bool = False
 
     @property
     def path(self) -> str:
@@ -200,7 +199,7 @@ def open_existing(slot_id: int, name: str) -> Slot:
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid():
-            raise IntegrityError(f"{path} is owned by uid {st.st_uid}, not the daemon's")
+            raise PermissionDeniedError(f"{path} is owned by uid {st.st_uid}, not the daemon's")
         if st.st_size < HEADER_SIZE + 4096:
             raise IntegrityError(f"{path} is too small to be a slot")
         mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from shardkeep.proto.config import DEFAULT_SLOTS, Timeouts, default_socket
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,47}$")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,47}")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class DaemonConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def validate(self) -> "DaemonConfig":
-        if not _PREFIX_RE.match(self.shm_prefix):
+        if not _PREFIX_RE.fullmatch(self.shm_prefix):
             raise ValueError(
                 f"shm_prefix {self.shm_prefix!r}: 1-48 characters of A-Z a-z 0-9 _, "
                 "starting with a letter or digit"

@@ -110,15 +110,16 @@ class JobState:
         return max(steps, default=-1)
 
     def drop_versions(self, keep=lambda step: False) -> int:
-        """Free every committed slot whose step ``keep`` rejects (pinned ones when unpinned)."""
+        """Free every committed slot whose step ``keep`` rejects.
+
+        A pinned slot is marked free at once (its reader holds the manifest and
+        verifies the data itself) but is not reused until it is unpinned.
+        """
         n = 0
         for rs in self.ranks.values():
             for s in rs.slots:
                 if s.state == STATE_COMMITTED and not keep(s.step):
-                    if s.pinned:
-                        s.drop_when_unpinned = True
-                    else:
-                        s.mark_free()
+                    s.mark_free()
                     n += 1
         self.recorded = [v for v in self.recorded if keep(v)]
         return n
@@ -136,9 +137,10 @@ class JobState:
         while len(self.aborted) > MAX_ABORTED:
             self.aborted.popitem(last=False)
         self.skips += 1
+        self.recorded = [v for v in self.recorded if v != step]
         for rs in self.ranks.values():
             for s in rs.slots:
-                if s.step == step and s.state == STATE_COMMITTED and not s.pinned:
+                if s.step == step and s.state == STATE_COMMITTED:
                     s.mark_free()
         log.info("job %s: step %d aborted on every rank (%s)", self.job, step, why)
 

@@ -27,6 +27,7 @@ from shardkeep.proto.errors import (
     CapacityError,
     IntegrityError,
     NotFoundError,
+    PermissionDeniedError,
     ProtocolError,
     ShardkeepError,
     UnavailableError,
@@ -92,6 +93,9 @@ class Daemon:
         for name in self._segment_names():
             try:
                 slot = open_existing(self._next_slot_id(), name)
+            except PermissionDeniedError as exc:
+                log.warning("skipping segment %s: %s", name, exc)  # not ours: leave it alone
+                continue
             except (OSError, IntegrityError) as exc:
                 log.warning("dropping segment %s: %s", name, exc)
                 self.dropped_bad += 1
@@ -118,14 +122,11 @@ class Daemon:
             job.rank_state(m.rank).slots.append(slot)
             self._commit_seq = max(self._commit_seq, slot.header.commit_seq)
         for job in self.jobs.values():
-            # versions of an older history survive only if a reader had them pinned: drop them
+            # a dropped version is marked free at once, so every committed slot is of this history
+            # (versions kept across a resume carry the history they were written in)
             steps: dict[int, set[int]] = {}
             for rs in job.ranks.values():
-                for s in list(rs.slots):
-                    if s.header.history != job.history:
-                        s.destroy()
-                        rs.slots.remove(s)
-                        continue
+                for s in rs.slots:
                     steps.setdefault(s.step, set()).add(rs.rank)
             need = set(job.local_ranks())
             job.recorded = sorted(st for st, rk in steps.items() if rk >= need)[-16:]
@@ -221,10 +222,11 @@ class Daemon:
                 body = body[1:]
             try:
                 msg = wire.decode_request(body)
-            except ProtocolError as exc:
+            except Exception as exc:  # ProtocolError, or a bug in validation: reply, never die
                 self.errors += 1
-                log.warning("rejected message: %s", exc)
-                await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), exc, self.instance))
+                err = exc if isinstance(exc, ProtocolError) else ProtocolError(f"malformed message: {exc!r}")
+                log.warning("rejected message: %s", err)
+                await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
                 continue
             if msg.type == "register":
                 asyncio.create_task(self._reply_async(sock, envelope, msg))
@@ -299,9 +301,9 @@ class Daemon:
                         self._pool, create_slot, self._next_slot_id(), self.cfg.shm_prefix, name, rank,
                         f["data_bytes"], f["manifest_bytes"],
                     )
-                    if rs.session != session:  # re-registered meanwhile by a newer process
-                        slot.destroy()
-                        raise UnavailableError(f"job {name!r} rank {rank} was registered again meanwhile")
+                    if rs.session != session or self.jobs.get(name) is not job:
+                        slot.destroy()  # re-registered by a newer process, or finished, meanwhile
+                        raise UnavailableError(f"job {name!r} rank {rank} was registered again or finished meanwhile")
                     rs.slots.append(slot)
             log.info("registered job %s rank %d/%d (local %d): %d slots, %d bytes of data each",
                      name, rank, job.world_size, job.local_world_size, len(rs.slots), f["data_bytes"])
@@ -330,18 +332,22 @@ class Daemon:
             raise ProtocolError(f"slot {slot.id} is not being written for step {step}")
         if self.faults.hit(Phase.LOCAL_COMMIT) == "drop":
             return {"status": "skipped", "reason": "dropped by fault injection"}
-        if not payload:
-            raise ProtocolError("commit carries no manifest frame")
-        raw = payload[0].bytes if hasattr(payload[0], "bytes") else bytes(payload[0])
-        m = Manifest.decode(raw, slot.data_capacity)
-        if (m.job, m.rank, m.step) != (job.job, rank, step):
-            raise ProtocolError("manifest names another job, rank or step than the commit")
-        m.history = job.history
-        m.world_size, m.local_world_size = job.world_size, job.local_world_size
-        m.created = time.time()
-        self._commit_seq += 1
-        slot.header.history = job.history
-        slot.commit(m, m.encode(), self._commit_seq)
+        try:
+            if not payload:
+                raise ProtocolError("commit carries no manifest frame")
+            raw = payload[0].bytes if hasattr(payload[0], "bytes") else bytes(payload[0])
+            m = Manifest.decode(raw, slot.data_capacity)
+            if (m.job, m.rank, m.step) != (job.job, rank, step):
+                raise ProtocolError("manifest names another job, rank or step than the commit")
+            m.history = job.history
+            m.world_size, m.local_world_size = job.world_size, job.local_world_size
+            m.created = time.time()
+            self._commit_seq += 1
+            slot.commit(m, m.encode(), self._commit_seq)
+        except ShardkeepError as exc:  # the writer gets its error; the slot is free again
+            slot.mark_free()
+            job.abort_step(step, f"rank {rank}'s commit failed: {exc}")
+            raise
         recorded = job.commit(rank, step, slot)
         if recorded:  # a version of a new layout frees the old layout's slots
             for s in job.prune(rank):
@@ -383,10 +389,6 @@ class Daemon:
 
     def _unpin(self, job: JobState, slot: Slot, token: str) -> None:
         slot.pins.pop(token, None)
-        if not slot.pins and slot.drop_when_unpinned:
-            slot.drop_when_unpinned = False
-            if slot.state == STATE_COMMITTED:
-                slot.mark_free()
 
     def h_release(self, f, payload):
         job = self._job(f["job"])
@@ -399,7 +401,8 @@ class Daemon:
             log.error("job %s rank %d step %d reported bad by a reader (%s): dropped",
                       job.job, f["rank"], slot.step, f.get("reason", ""))
             job.recorded = [v for v in job.recorded if v != slot.step]
-            slot.drop_when_unpinned = True
+            if slot.state == STATE_COMMITTED:
+                slot.mark_free()
         self._unpin(job, slot, f["pin"])
         return {}
 

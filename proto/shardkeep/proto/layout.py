@@ -34,12 +34,12 @@ MAX_TENSORS = 1 << 20
 MAX_NAME = 1024
 MAX_NDIM = 16
 
-_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_job_id(job: object) -> str:
     """Job ids end up in shm segment names and paths: a strict alphabet, no path tricks."""
-    if not isinstance(job, str) or not _JOB_RE.match(job) or ".." in job:
+    if not isinstance(job, str) or not _JOB_RE.fullmatch(job) or ".." in job:
         raise ProtocolError(
             f"invalid job id {job!r}: 1-128 characters of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit, no '..'"
@@ -103,7 +103,7 @@ def validate_entries(raw: object, data_capacity: int) -> list[TensorEntry]:
         name, dtype, shape, offset, nbytes = item
         if not isinstance(name, str) or len(name) > MAX_NAME:
             raise ProtocolError(f"tensor entry {i}: bad name")
-        if dtype not in DTYPE_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
             raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if (
             not isinstance(shape, (list, tuple))

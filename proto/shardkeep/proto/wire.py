@@ -53,15 +53,6 @@ def _job(name: str, v: Any) -> Any:
     return check_job_id(v)
 
 
-def _choice(*options: str) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if v not in options:
-            raise ProtocolError(f"field {name!r} must be one of {', '.join(options)}; got {v!r}")
-        return v
-
-    return check
-
-
 STEP = _int(0, MAX_STEP)
 RANK = _int(0, MAX_RANK)
 SIZE = _int(0, 1 << 50)
@@ -80,7 +71,7 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "abort": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN, "slot": _int(0, 1 << 32)},
               {"reason": _str(4096)}, 0),
     "versions": ({"job": _job}, {"rank": RANK}, 0),
-    "open": ({"job": _job, "rank": RANK, "step": STEP}, {"session": TOKEN}, 0),
+    "open": ({"job": _job, "rank": RANK, "step": STEP}, {}, 0),
     "release": ({"job": _job, "rank": RANK, "pin": TOKEN}, {"bad": _bool, "reason": _str(4096)}, 0),
     "resume": ({"job": _job, "rank": RANK, "step": STEP}, {}, 0),
     "finish": ({"job": _job}, {}, 0),
@@ -142,7 +133,7 @@ def decode_request(frames: list) -> Message:
         raise ProtocolError(f"{len(frames)} frames; at most {MAX_FRAMES}")
     header = _unpack_header(frames[0])
     v = header.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {v!r} is not supported; this daemon speaks version {PROTOCOL_VERSION}",
             supported=[PROTOCOL_VERSION],
@@ -151,7 +142,7 @@ def decode_request(frames: list) -> Message:
     if not isinstance(mid, int) or isinstance(mid, bool) or not 0 <= mid < 1 << 63:
         raise ProtocolError("field 'id' must be a non-negative integer")
     mtype = header.get("type")
-    if mtype not in SCHEMAS:
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}")
     required, optional, max_payload = SCHEMAS[mtype]
     out: dict[str, Any] = {}
@@ -162,9 +153,9 @@ def decode_request(frames: list) -> Message:
     for name, check in optional.items():
         if name in header and header[name] is not None:
             out[name] = check(name, header[name])
-    unknown = set(header) - set(required) - set(optional) - {"v", "type", "id"}
+    unknown = set(map(repr, header)) - {repr(k) for k in (*required, *optional, "v", "type", "id")}
     if unknown:
-        raise ProtocolError(f"{mtype}: unknown fields {sorted(map(str, unknown))}")
+        raise ProtocolError(f"{mtype}: unknown fields {sorted(unknown)}")
     payload = frames[1:]
     if len(payload) > max_payload:
         raise ProtocolError(f"{mtype}: {len(payload)} payload frames; at most {max_payload}")
@@ -181,7 +172,7 @@ def decode_reply(frames: list) -> Message:
     if not frames:
         raise ProtocolError("empty reply")
     header = _unpack_header(frames[0])
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"daemon replied with protocol version {header.get('v')!r}")
     mid = header.get("id", -1)
     if header.get("type") == REPLY_ERROR:
