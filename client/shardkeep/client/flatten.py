@@ -112,13 +112,23 @@ def _collect_hooks(obj: Any, flat: Flat, seen: set[int]) -> None:
             _collect_hooks(v, flat, seen)
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _walk(obj: Any, flat: Flat, path: str) -> Any:
+    tp = type(obj)
+    if tp in _PLAIN:
+        return obj
     if isinstance(obj, torch.Tensor):
         return flat.add_tensor(obj, path)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, NDArrayLeaf)):
         return obj
     if isinstance(obj, dict):
         return {k: _walk(v, flat, f"{path}.{_key(k)}") for k, v in obj.items()}
+    if tp is tuple or tp is list:
+        # fast path (e.g. random.getstate(): 625 ints): a copy now, since lists may change later
+        if all(type(v) in _PLAIN for v in obj):
+            return obj if tp is tuple else list(obj)
     if isinstance(obj, list):
         return [_walk(v, flat, f"{path}.{i}") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
