@@ -448,6 +448,40 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+def resident_fraction(path: str) -> float | None:
+    """Share of the file's pages in the page cache (mincore), to check that eviction worked."""
+    import ctypes
+    import mmap as _mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        size = os.path.getsize(path)
+        page = _mmap.PAGESIZE
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                return None
+            try:
+                pages = (size + page - 1) // page
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                resident = vec.raw[:pages].translate(bytes(i & 1 for i in range(256))).count(1)
+                return resident / pages
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return None
+
+
 def cache(path: str) -> None:
     with open(path, "rb") as f:
         while f.read(64 << 20):
@@ -604,9 +638,14 @@ def render(R: dict) -> str:
     if fs:
         sec("shardkeep: first snapshot (new layout: slots created and mapped)")
         row("snapshot() call", fmt_s(fs.get("snapshot_call_s")), "")
-        row("blocked in the next step (hooks)", fmt_s(fs.get("next_step_blocked_s")),
-            f"next step took {fmt_s(fs.get('next_step_s'))}")
-        row("call -> local commit", fmt_s(fs.get("commit_latency_s")),
+        dur = fs.get("steps_during") or []
+        row("steps trained until it resolved", str(len(dur)),
+            f"{fmt_s(sum(d['step_s'] for d in dur))} in all; "
+            f"slowest {fmt_s(max((d['step_s'] for d in dur), default=None))}; "
+            f"blocked in hooks {fmt_s(fs.get('blocked_during_s'))}")
+        row("  stall beyond a normal step", fmt_s(fs.get("stall_s")),
+            f"sum over those steps of (step - median step without checkpointing, {fmt_s(fs.get('normal_step_s'))})")
+        row("call -> future resolved", fmt_s(fs.get("commit_latency_s")),
             f"status {fs.get('status')}{': ' + fs['reason'] if fs.get('reason') else ''}")
 
     summ_ = R.get("summary", {})
@@ -625,13 +664,15 @@ def render(R: dict) -> str:
         row("step, shardkeep every step", fmt_s(sk["step_s"]["median"]),
             f"overhead {fmt_x(ra.get(f'step_overhead_shardkeep_{k}'))}; per round "
             + " / ".join(fmt_s(x) for x in sk["round_step_medians_s"]))
-        row("  snapshot() call", fmt_s(g(sk, "snapshot_call_s", "median")), f"max {fmt_s(g(sk, 'snapshot_call_s', 'max'))}")
+        row("  snapshot() call", fmt_s(g(sk, "snapshot_call_s", "median")),
+            f"max {fmt_s(g(sk, 'snapshot_call_s', 'max'))}")
         row("  blocked per step (call + hooks)", fmt_s(g(sk, "blocked_s", "median")),
-            f"max {fmt_s(g(sk, 'blocked_s', 'max'))}; of which forward hook {fmt_s(g(sk, 'forward_s', 'median'))}")
+            f"max {fmt_s(g(sk, 'blocked_s', 'max'))}; forward pre-hook alone {fmt_s(g(sk, 'forward_s', 'median'))}")
         row("  call -> local commit", fmt_s(g(sk, "commit_latency_s", "median")),
             f"max {fmt_s(g(sk, 'commit_latency_s', 'max'))}")
         row("  copy throughput", fmt_gbps(ra.get(f"copy_gbps_{k}")),
-            f"copy {fmt_s(g(sk, 'copy_s', 'median'))}; {fmt_x(ra.get(f'copy_vs_plain_copy_{k}'))} of plain copy_ (1 thread)")
+            f"copy {fmt_s(g(sk, 'copy_s', 'median'))}; "
+            f"{fmt_x(ra.get(f'copy_vs_plain_copy_{k}'))} of plain copy_ (1 thread)")
         row("  committed / skipped / failed", f"{sk['committed']} / {sk['skipped']} / {sk['failed']}",
             "; ".join(sk["skip_reasons"])[:80])
         if dl:
@@ -650,16 +691,20 @@ def render(R: dict) -> str:
             f"{fmt_gbps(rs['warm']['gbps'])}; {rs['warm']['bytes']:,} B; min {fmt_s(rs['warm']['s']['min'])}")
     if tl and "load_evicted" in tl:
         for mode in ("evicted", "cached"):
+            res = [x for x in tl[f"load_{mode}"].get("resident_before", []) if x is not None]
             row(f"torch.load + load_state_dict, {mode}", fmt_s(tl[f"load_{mode}"]["total_s"]["median"]),
-                f"torch.load alone {fmt_s(tl[f'load_{mode}']['load_s']['median'])}")
+                f"torch.load alone {fmt_s(tl[f'load_{mode}']['load_s']['median'])}"
+                + (f"; file {100 * max(res):.0f}% in page cache before" if res else ""))
     if cold:
         sec("cold restore: fresh process (interpreter + import torch + build model + restore + 1 step)")
         for name, c in cold.items():
             p = c["phases_s"]
             row(f"{name}: restore", fmt_s(p["restore"]),
-                f"process start -> first step {fmt_s(c['spawn_to_first_step_s'])} (python {fmt_s(p['interpreter_start'])}, "
+                f"process start -> first step {fmt_s(c['spawn_to_first_step_s'])} "
+                f"(python {fmt_s(p['interpreter_start'])}, "
                 f"import torch {fmt_s(p['import_torch'])}, build {fmt_s(p['build_model'])}, "
-                f"client {fmt_s(p['client_setup'])}, step {fmt_s(p['first_step'])})")
+                f"client {fmt_s(p['client_setup'])}, step {fmt_s(p['first_step'])})"
+                + (f"; file {100 * c['resident_before']:.0f}% cached" if c.get("resident_before") is not None else ""))
 
     d = R.get("dcp")
     if tl or d:
@@ -868,13 +913,25 @@ def main(argv=None) -> int:
         fs["snapshot_call_s"] = perf() - c0
         fut.add_done_callback(lambda f: fs.__setitem__("commit_latency_s", perf() - c0))
         b1 = snap.stats.blocked_s
-        # the next training step runs into the hooks of this snapshot
-        t0 = perf()
-        model(empty_batch(args.width))
-        compute.run(regimes[0]["iters"])
-        opt.step()
-        fs["next_step_s"] = perf() - t0
-        fs["next_step_blocked_s"] = snap.stats.blocked_s - b1
+        # training goes on (no further snapshots) until this one resolves: its hooks, and whatever the
+        # registration costs the training thread (e.g. the GIL), land in these steps
+        x0 = empty_batch(args.width)
+        during = []
+        deadline = perf() + 300
+        while not fut.done() and perf() < deadline:
+            bb = snap.stats.blocked_s
+            t0 = perf()
+            model(x0)
+            t1 = perf()
+            compute.run(regimes[0]["iters"])
+            t2 = perf()
+            opt.step()
+            t3 = perf()
+            during.append({"step_s": t3 - t0, "forward_s": t1 - t0, "compute_s": t2 - t1, "optim_step_s": t3 - t2,
+                           "blocked_s": snap.stats.blocked_s - bb})
+        fs["steps_during"] = during
+        fs["next_step_blocked_s"] = during[0]["blocked_s"] if during else 0.0
+        fs["blocked_during_s"] = snap.stats.blocked_s - b1
         fs["blocked_in_call_s"] = b1 - b0
         res = fut.result(timeout=600)
         _time.sleep(0.01)  # the done callback runs right after the result is set
@@ -883,7 +940,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(default_threads)
         R["first_snapshot"] = fs
         step += 1
-        log(f"first snapshot: {fs}")
+        log(f"first snapshot: {fs['status']} {fs['reason']}; call {fs['snapshot_call_s'] * 1e3:.2f} ms, resolved after "
+            f"{fs.get('commit_latency_s', 0):.3f} s; {len(during)} steps meanwhile, slowest "
+            f"{max((d['step_s'] for d in during), default=0):.3f} s, blocked in hooks {fs['blocked_during_s']:.3f} s")
 
         # 3b. training loops: rounds of (no checkpoint, shardkeep, dcp.async_save) blocks, per regime --------
         if not args.no_dcp:
@@ -910,6 +969,9 @@ def main(argv=None) -> int:
                 summary[f"{mode}_{k}"]["round_step_medians_s"] = [
                     loops[f"{mode}_{k}_r{rnd}"]["summary"]["step_s"]["median"] for rnd in range(args.rounds)]
         R["snapshot_stats"] = dict(vars(snap.stats))
+        normal = summary[f"baseline_{regimes[0]['key']}"]["step_s"]["median"]
+        fs["normal_step_s"] = normal
+        fs["stall_s"] = sum(max(0.0, d["step_s"] - normal) for d in fs["steps_during"])
 
         # 4. dcp.save and dcp.async_save on their own ------------------------------------------------------------
         if not args.no_dcp:
@@ -997,9 +1059,11 @@ def main(argv=None) -> int:
                 else:
                     cache(path)
                 gc.collect()
-                runs.append(torch_load_into(path, model, opt))
+                resident = resident_fraction(path)
+                runs.append(dict(torch_load_into(path, model, opt), resident_before=resident))
             tf[f"load_{mode}"] = {"runs": runs, "load_s": summ([r["load_s"] for r in runs]),
-                                  "total_s": summ([r["total_s"] for r in runs])}
+                                  "total_s": summ([r["total_s"] for r in runs]),
+                                  "resident_before": [r["resident_before"] for r in runs]}
             log(f"torch.load {mode}: {tf[f'load_{mode}']['load_s']['median']:.3f} s, + load_state_dict "
                 f"{tf[f'load_{mode}']['total_s']['median']:.3f} s")
         for mode in ("evicted", "cached"):
@@ -1009,7 +1073,9 @@ def main(argv=None) -> int:
                 cache(path)
             gc.collect()
             R["loads"][f"cold_torch_load_{mode}"] = loadavg()
+            resident = resident_fraction(path)
             c = run_child("torch_load", dict(spec, file=path), timeout=600)
+            c["resident_before"] = resident
             R["cold"][f"torch_load_{mode}"] = c
             log(f"cold torch.load ({mode}): restore {c['phases_s']['restore']:.3f} s, start->first step "
                 f"{c['spawn_to_first_step_s']:.3f} s")

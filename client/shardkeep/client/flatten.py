@@ -47,6 +47,7 @@ class Flat:
     tensors: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     late: list[bool] = field(default_factory=list)     # changed by optimizer.step (params, optim state)
+    private: list[bool] = field(default_factory=list)  # our own copies (RNG state): nobody waits for them
     skeleton: Any = None
     modules: list[torch.nn.Module] = field(default_factory=list)
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
@@ -70,7 +71,10 @@ class Flat:
             self.tensors.append(t)
             self.names.append(path)
             self.late.append(ptr in self._late_ptrs)
+            self.private.append(self._private)
         return TensorRef(idx)
+
+    _private: bool = False
 
 
 def flatten(state: dict, rng_state: dict | None) -> Flat:
@@ -87,7 +91,9 @@ def flatten(state: dict, rng_state: dict | None) -> Flat:
                 flat._late_ptrs.update(v.data_ptr() for v in st.values() if isinstance(v, torch.Tensor))
     root = {k: _walk(v, flat, _key(k)) for k, v in state.items()}
     if rng_state is not None:
+        flat._private = True
         root[RNG_KEY] = _walk(rng_state, flat, RNG_KEY)
+        flat._private = False
     flat.skeleton = root
     return flat
 
@@ -136,7 +142,7 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
     if is_stateful(obj):
         return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
     if np is not None:
-        if isinstance(obj, np.ndarray):
+        if isinstance(obj, np.ndarray):  # by value, now: the array may change after snapshot() returns
             if obj.dtype.kind not in "biufc" or obj.dtype.hasobject:
                 raise TypeError(f"state[{path}]: numpy arrays of dtype {obj.dtype} are not supported")
             a = np.ascontiguousarray(obj)

@@ -200,6 +200,8 @@ class Snapshotter:
         self._install_hooks(flat)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         p = _Pending(flat, step, fut)
+        if not any(not late and not priv for late, priv in zip(flat.late, flat.private)):
+            p.early.set()  # no buffers to protect: forward never waits
         if any(t.is_cuda for t in flat.tensors):
             p.cuda_event = torch.cuda.Event()
             p.cuda_event.record()
@@ -446,7 +448,9 @@ class Snapshotter:
         for t, name in zip(flat.tensors, flat.names):
             dtypes.append(t.dtype)
             specs.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-        order = [i for i, late in enumerate(flat.late) if not late] + [i for i, late in enumerate(flat.late) if late]
+        # buffers (forward changes them), then params and optimizer state, then our private RNG copies
+        kinds = [2 if priv else 1 if late else 0 for late, priv in zip(flat.late, flat.private)]
+        order = [i for kind in (0, 1, 2) for i, k in enumerate(kinds) if k == kind]
         entries, data_bytes = plan_layout(specs, order)
         skeleton = pack_skeleton(flat.skeleton)
         manifest = Manifest(
@@ -493,7 +497,7 @@ class Snapshotter:
         data = memoryview(mapping.mm)[data_offset : data_offset + data_bytes]
         try:
             hasher = ChunkHasher(data, data_bytes, manifest.chunk)
-            n_early = sum(1 for late in flat.late if not late)
+            n_early = sum(1 for late, priv in zip(flat.late, flat.private) if not late and not priv)
             n_late = len(order) - n_early
             stream = None
             if p.cuda_event is not None:
