@@ -267,11 +267,10 @@ def test_reconstruct_lengths_of_wanted_data(pool, shm):
         w = min(total, chunk_len)
         assert got[:w] == logical[:w]
         assert got[w:] == bytes([SENTINEL]) * (total - w)
-    # rebuild a data chunk and the parity at once, from two data chunks + parity
-    want = {0: blank(shm, chunk_len, rng), 3: blank(shm, nsub * piece, rng)}
-    run(pool.reconstruct(spec, {1: data_exts[1], 2: data_exts[2], 3: par[0]}, headers, chunk_len,
-                         {0: want[0]}))
-    assert gather(shm, want[0]) == datas[0]
+    # from a short stored data chunk and the parity
+    want = blank(shm, chunk_len, rng)
+    run(pool.reconstruct(spec, {1: data_exts[1], 2: data_exts[2], 3: par[0]}, headers, chunk_len, {0: want}))
+    assert gather(shm, want) == datas[0]
 
 
 def test_zero_length_and_empty_chunks(pool, shm):
@@ -314,18 +313,25 @@ def test_large_split_and_concurrent_calls(shm):
 
         tick = asyncio.create_task(ticker())
         out = await asyncio.gather(*(p.encode(spec, de, chunk_len, pe) for _, de, pe in stripes))
+        # rebuild data chunk s % 3 of stripe s, all at once, each call in several parts
+        await asyncio.gather(*(
+            p.reconstruct(spec, {i: (de + pe)[i] for i in range(4) if i != s % 3}, h, chunk_len, {s % 3: w})
+            for s, ((_, de, pe), h, w) in enumerate(zip(stripes, out, wants))))
         stop = True
         await tick
         return out, max(gaps)
 
+    wants = [blank(shm, chunk_len - 77 * (s % 3), rng) for s in range(3)]
     with CodecPool(workers=2) as p:
+        assert len(p._ranges(nsub)) > 1
         headers, worst_gap = run(main(p))
         assert p.worker_starts() == 2
     assert worst_gap < 0.5
-    for (datas, _, par), h in zip(stripes, headers):
+    for s, ((datas, _, par), h) in enumerate(zip(stripes, headers)):
         ref_par, ref_h = reference_encode(spec, datas, chunk_len)
         assert h == ref_h
         assert gather(shm, par[0]) == ref_par[0]
+        assert gather(shm, wants[s]) == datas[s % 3]
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -357,7 +363,9 @@ def test_bad_extents_raise_value_error(pool, shm):
         with pytest.raises(ValueError):
             run(pool.encode(spec, [good[0], bad, good[2]], chunk_len, par))
     par_name = par[0][0][0]
-    for bad_par in ([(par_name, 0, 2 * piece - 1)], [(par_name, 1, 2 * piece)], [("a/b", 0, 2 * piece)]):
+    par_size = len(shm.read(par_name))
+    for bad_par in ([(par_name, 0, 2 * piece - 1)], [(par_name, par_size - 2 * piece + 1, 2 * piece)],
+                    [("a/b", 0, 2 * piece)]):
         with pytest.raises(ValueError):
             run(pool.encode(spec, good, chunk_len, [bad_par]))
     with pytest.raises(ValueError):
@@ -406,11 +414,11 @@ def test_corrupt_headers_raise_integrity_error(pool, shm):
         corrupt(67, 5, sub=1),  # the metadata checksum itself, second sub-stripe
         corrupt(59, 0),  # magic
         rng.randbytes(len(headers)),  # garbage
-        headers[n * FRAGMENT_HEADER:] + headers[:n * FRAGMENT_HEADER] if nsub > 1 else headers,
     ]
     swapped = bytearray(headers)  # fragments 0 and 2 swapped: valid headers at the wrong index
     a, b = 0, 2 * FRAGMENT_HEADER
-    swapped[a:a + FRAGMENT_HEADER], swapped[b:b + FRAGMENT_HEADER] = headers[b:b + FRAGMENT_HEADER], headers[a:a + FRAGMENT_HEADER]
+    swapped[a:a + FRAGMENT_HEADER] = headers[b:b + FRAGMENT_HEADER]
+    swapped[b:b + FRAGMENT_HEADER] = headers[a:a + FRAGMENT_HEADER]
     cases.append(bytes(swapped))
     pids = pool.worker_pids()
     for bad in cases:
@@ -480,6 +488,20 @@ def test_worker_killed_mid_call_and_deadline(shm, monkeypatch):
         run(p.encode(spec, small, 100, small_par))
         (pid3,) = p.worker_pids()
         assert pid3 != pid2
+
+        # a cancelled call: its worker is stopped and replaced, the next call succeeds
+        async def cancel_mid_call():
+            task = asyncio.ensure_future(p.encode(spec, de, 4 * piece - 9, par))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run(cancel_mid_call())
+        _wait_dead(pid3)
+        run(p.encode(spec, small, 100, small_par))
+        (pid4,) = p.worker_pids()
+        assert pid4 != pid3
 
         # deadline: the call raises in time, names what and how long; its worker is replaced
         t0 = time.monotonic()

@@ -88,6 +88,7 @@ def _map(name: str, size: int) -> Mapping:
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PREFAULT_PIECE = 16 << 20
 _libc = None
 
 
@@ -96,15 +97,21 @@ def _prefault(m: Mapping) -> None:
 
     ``mmap(MAP_POPULATE)`` does the same but CPython 3.11 holds the GIL through
     it (seconds per GB here), freezing the training thread; ``madvise`` through
-    ctypes releases the GIL.  Kernels without MADV_POPULATE_WRITE fault lazily.
+    ctypes releases the GIL.  It goes in pieces: populating holds the process's
+    mmap lock, and the training thread's own allocations (``mmap``/``munmap`` of
+    large tensors) wait for it; one call per GB stalled an Adam step for seconds.
+    Kernels without MADV_POPULATE_WRITE fault lazily.
     """
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if _libc.madvise(m.address, m.size, _MADV_POPULATE_WRITE) != 0:
-            log.debug("madvise(MADV_POPULATE_WRITE) failed: %s", os.strerror(ctypes.get_errno()))
+        for off in range(0, m.size, _PREFAULT_PIECE):
+            n = min(_PREFAULT_PIECE, m.size - off)
+            if _libc.madvise(m.address + off, n, _MADV_POPULATE_WRITE) != 0:
+                log.debug("madvise(MADV_POPULATE_WRITE) failed: %s", os.strerror(ctypes.get_errno()))
+                return
     except (OSError, AttributeError) as exc:
         log.debug("cannot pre-fault %s: %s", m.name, exc)
 

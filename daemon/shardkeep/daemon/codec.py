@@ -367,8 +367,8 @@ class _WorkerSlot:
         pool = self.pool
         try:
             self.spawn()  # start at once so that the first call finds a warm worker
-        except OSError:
-            pass
+        except Exception:
+            pass  # the first part retries and reports it
         while True:
             part = pool._queue.get()
             if part is None:
@@ -392,7 +392,8 @@ class _WorkerSlot:
             raise _Skipped() if not pool._closed else UnavailableError("codec pool closed")
         if time.monotonic() >= call.deadline:
             raise ShardkeepTimeoutError(
-                f"codec {call.op} timed out after {call.timeout:.1f} s waiting for a worker ({call.label}, {part.desc})",
+                f"codec {call.op} timed out after {call.timeout:.1f} s waiting for a worker "
+                f"({call.label}, {part.desc})",
                 op=call.op, timeout_s=call.timeout)
         for attempt in (0, 1):
             try:
@@ -408,7 +409,7 @@ class _WorkerSlot:
                 time.sleep(min(0.05 * 2 ** min(self._start_failures, 6), 2.0))
                 raise UnavailableError(f"codec {call.op} ({call.label}, {part.desc}): {e.message}",
                                        op=call.op) from None
-            except OSError as e:
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
                 self.kill()
                 raise UnavailableError(f"codec {call.op}: cannot start a worker process: {e}", op=call.op) from None
             assert self.conn is not None
@@ -466,7 +467,7 @@ class _WorkerSlot:
             return
         try:
             self.spawn()
-        except OSError:
+        except Exception:
             pass  # the next part retries and reports it
 
 
@@ -572,7 +573,8 @@ class CodecPool:
         timeout = _timeout_of(deadline)
         k, m, piece = spec.k, spec.m, spec.piece
         if not isinstance(data, (list, tuple)) or len(data) != k:
-            raise ValueError(f"encode: need k={k} data extent lists, got {len(data) if isinstance(data, (list, tuple)) else data!r}")
+            raise ValueError(f"encode: need k={k} data extent lists, got "
+                             f"{len(data) if isinstance(data, (list, tuple)) else repr(data)}")
         if not isinstance(parity_out, (list, tuple)) or len(parity_out) != m:
             raise ValueError(f"encode: need m={m} parity extent lists")
         nsub = substripes(chunk_len, piece)

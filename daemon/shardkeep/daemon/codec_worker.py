@@ -41,7 +41,8 @@ _HDR = struct.Struct("<IIIQ")
 _MAGIC_OFF = 59
 _MAGIC = 0x0B0C5ECC
 
-# Test-only fault hook: seconds to sleep before each sub-stripe (lets tests kill a worker mid-call).
+# Test-only fault hook, read from SHARDKEEP_CODEC_TEST_SLEEP at worker start: seconds to sleep before
+# each sub-stripe, so that tests can kill a worker or pass a deadline in the middle of a call.
 _TEST_SLEEP = 0.0
 
 
@@ -92,7 +93,7 @@ class SegmentCache:
         name = check_name(name)
         path = os.path.join(SHM_DIR, name)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # a symlink is not a segment
         except FileNotFoundError:
             raise ValueError(f"shm segment {name!r} does not exist") from None
         except OSError as e:
