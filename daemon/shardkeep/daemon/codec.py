@@ -39,12 +39,23 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import msgpack
+
 from shardkeep.proto.errors import (
     IntegrityError,
     ShardkeepError,
     ShardkeepTimeoutError,
     UnavailableError,
 )
+
+
+def _send(conn: Any, obj: Any) -> None:
+    """msgpack over the worker's socketpair: nothing in shardkeep is ever unpickled."""
+    conn.send_bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def _recv(conn: Any) -> Any:
+    return msgpack.unpackb(conn.recv_bytes(), raw=False, strict_map_key=False)
 
 FRAGMENT_HEADER = 80  # bytes of pyeclib/liberasurecode header per fragment
 SUBSTRIPE_BYTES = 1 << 20  # k pieces per sub-stripe add up to about this much data
@@ -305,13 +316,13 @@ class _WorkerSlot:
             if not self.conn.poll(timeout):
                 raise UnavailableError(f"codec worker (pid {self.pid}) did not start within {timeout:.1f} s",
                                        pid=self.pid)
-            msg = self.conn.recv()
+            msg = _recv(self.conn)
         except (EOFError, OSError):
             rc = self._reap(2.0)
             raise UnavailableError(f"codec worker (pid {self.pid}) {_describe_exit(rc)} while starting",
                                    pid=self.pid) from None
-        if not (isinstance(msg, tuple) and msg and msg[0] == "ready"):
-            why = msg[1] if isinstance(msg, tuple) and len(msg) > 1 else repr(msg)
+        if not (isinstance(msg, list) and msg and msg[0] == "ready"):
+            why = msg[1] if isinstance(msg, list) and len(msg) > 1 else repr(msg)
             raise UnavailableError(f"codec worker (pid {self.pid}) failed to start: {why}", pid=self.pid)
         self.ready = True
 
@@ -414,7 +425,7 @@ class _WorkerSlot:
                 raise UnavailableError(f"codec {call.op}: cannot start a worker process: {e}", op=call.op) from None
             assert self.conn is not None
             try:
-                self.conn.send(part.msg)
+                _send(self.conn, part.msg)
                 break
             except (OSError, EOFError):
                 # the worker died while idle, before it saw this part: nothing ran, start a fresh one
@@ -442,7 +453,7 @@ class _WorkerSlot:
             try:
                 if not conn.poll(min(left, _POLL)):
                     continue
-                reply = conn.recv()
+                reply = _recv(conn)
             except (EOFError, OSError):
                 rc = self.kill()
                 if pool._closed:

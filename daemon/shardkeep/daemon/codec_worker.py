@@ -2,7 +2,8 @@
 
 The daemon never runs pyeclib itself: :class:`shardkeep.daemon.codec.CodecPool` starts this module in
 separate processes (``python -I -c <bootstrap> worker FD``) with glibc's malloc tuned through the
-environment, and talks to it over a socketpair with :mod:`multiprocessing.connection` framing. A worker
+environment, and talks to it over a socketpair: msgpack messages in the length-prefixed frames of
+:mod:`multiprocessing.connection` (`send_bytes`; never pickled objects). A worker
 serves one request at a time: encode or reconstruct a range of sub-stripes of one stripe, reading and
 writing the stripe's chunks directly in ``/dev/shm`` segments that it maps by name (and keeps mapped,
 LRU-bounded, because the daemon reuses the same segments every snapshot). It never creates, resizes
@@ -30,6 +31,17 @@ import time
 import traceback
 from collections import OrderedDict
 from typing import Any
+
+import msgpack
+
+
+def _send(conn: Any, obj: Any) -> None:
+    """msgpack over the worker's socketpair: nothing in shardkeep is ever unpickled."""
+    conn.send_bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def _recv(conn: Any) -> Any:
+    return msgpack.unpackb(conn.recv_bytes(), raw=False, strict_map_key=False)
 
 FRAGMENT_HEADER = 80
 SHM_DIR = "/dev/shm"
@@ -472,13 +484,13 @@ def _serve(fd: int) -> None:
     try:
         import pyeclib.ec_iface  # noqa: F401  (fail at start, not at the first request)
     except Exception as e:  # pragma: no cover - broken installation
-        conn.send(("fatal", f"cannot import pyeclib: {type(e).__name__}: {e}"))
+        _send(conn, ("fatal", f"cannot import pyeclib: {type(e).__name__}: {e}"))
         return
-    conn.send(("ready", os.getpid()))
+    _send(conn, ("ready", os.getpid()))
     ops = {"encode": encode, "reconstruct": reconstruct}
     while True:
         try:
-            msg = conn.recv()
+            msg = _recv(conn)
         except (EOFError, OSError):
             return  # the daemon went away
         op = msg[0]
@@ -499,7 +511,7 @@ def _serve(fd: int) -> None:
         except Exception as e:
             reply = ("err", "internal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         try:
-            conn.send(reply)
+            _send(conn, reply)
         except (OSError, EOFError):
             return
 
