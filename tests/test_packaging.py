@@ -48,7 +48,7 @@ def test_namespace_package_has_no_top_level_init():
 def test_help_lists_the_commands():
     r = subprocess.run(shardkeep_cmd("--help"), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
-    for cmd in ("daemon", "status", "demo"):
+    for cmd in ("daemon", "status", "release", "demo"):
         assert cmd in r.stdout
     r = subprocess.run(shardkeep_cmd("daemon", "--help"), capture_output=True, text=True, timeout=60)
     assert "--memory-limit" in r.stdout and "--shm-prefix" in r.stdout and "--state-dir" in r.stdout
@@ -113,3 +113,19 @@ def test_sigterm_keeps_committed_slots_and_frees_the_rest(daemon, job_id):
 
     assert not os.path.exists(daemon.socket)
     assert len(daemon.segments()) == 1  # the committed version stays for the next daemon
+
+
+def test_release_frees_a_job(daemon, job_id):
+    import torch
+
+    from shardkeep.client import Snapshotter
+
+    with Snapshotter(socket=daemon.socket, job=job_id, rank=0, world_size=1) as snap:
+        snap.snapshot({"t": torch.ones(4)}, 0).result(timeout=30)
+    r = subprocess.run(shardkeep_cmd("release", "--job", job_id, "--socket", daemon.socket),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "2 slots freed" in r.stdout, r.stdout + r.stderr
+    assert daemon.segments() == [] and daemon.job_status(job_id) is None
+    r = subprocess.run(shardkeep_cmd("release", "--job", job_id, "--socket", daemon.socket),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no job" in r.stderr

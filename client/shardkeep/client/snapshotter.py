@@ -117,6 +117,14 @@ class _Pending:
 
 
 @dataclass
+class _Prepare:
+    """Register (and map) slots for a known layout, off the training thread."""
+
+    data_bytes: int
+    manifest_bytes: int
+
+
+@dataclass
 class _Registration:
     instance: str
     session: str
@@ -259,11 +267,8 @@ class Snapshotter:
             return None
         self._request("resume", {"job": self.job, "rank": self.rank, "step": restored})
         self.last_restore = RestoreInfo(restored, "local shm", fell_back, time.perf_counter() - t0, nbytes)
-        # the next snapshot has the restored layout: register and map its slots now, not on the hot path
-        try:
-            self._reg = self._register(nbytes, _manifest_capacity(manifest_len))
-        except ShardkeepError as exc:
-            log.warning("job %s rank %d: could not prepare slots after restore: %s", self.job, self.rank, exc)
+        # the next snapshot has the restored layout: register and map its slots in the background now
+        self._queue.put(_Prepare(nbytes, _manifest_capacity(manifest_len)))
         log.info("job %s rank %d: %s", self.job, self.rank, self.last_restore)
         return restored
 
@@ -362,6 +367,9 @@ class Snapshotter:
             p = self._queue.get()
             if p is None:
                 return
+            if isinstance(p, _Prepare):
+                self._prepare(p)
+                continue
             try:
                 result = self._write(p)
             except BaseException as exc:  # noqa: BLE001 - delivered through the future
@@ -395,6 +403,15 @@ class Snapshotter:
             self._maps.clear()
         self._instance = inst
         return reply
+
+    def _prepare(self, p: "_Prepare") -> None:
+        self._registering = True
+        try:
+            self._reg = self._register(p.data_bytes, p.manifest_bytes)
+        except Exception as exc:  # the first snapshot will register again
+            log.warning("job %s rank %d: could not prepare slots after restore: %s", self.job, self.rank, exc)
+        finally:
+            self._registering = False
 
     def _register(self, data_bytes: int, manifest_bytes: int) -> _Registration:
         self._faults.hit(Phase.REGISTER)

@@ -83,6 +83,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from shardkeep.proto.transport import Channel
+
+    try:
+        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request("finish", {"job": args.job})
+    except ShardkeepError as exc:
+        print(f"shardkeep release: {exc}", file=sys.stderr)
+        return 1
+    print(f"released job {args.job}: {reply.fields.get('freed_slots', 0)} slots freed")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -106,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default: 5)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("release", help="free every version of a job that is really over (same as snap.finish())")
+    p.add_argument("--job", required=True, help="the job id")
+    p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default: 10)")
+    p.set_defaults(func=cmd_release)
+
+    from . import keys
+
+    p = sub.add_parser("keygen", help="write CURVE keypairs for the nodes of a group")
+    keys.add_keygen_args(p)
+    p.set_defaults(func=keys.cmd_keygen)
 
     p = sub.add_parser("demo", help="train, kill, restore and compare bitwise against an uninterrupted run")
     p.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
