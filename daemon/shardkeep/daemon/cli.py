@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from shardkeep.proto.config import default_socket
+from shardkeep.proto.config import Timeouts, default_socket
 from shardkeep.proto.errors import ShardkeepError
 from shardkeep.proto.sizes import parse_size
 
@@ -35,6 +35,24 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=2, help="shm slots per (job, rank), 2..8 (default: 2)")
     p.add_argument("--log-level", default=os.environ.get("SHARDKEEP_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("group (omit --peers for a single node)")
+    g.add_argument("--peers", default="",
+                   help="comma-separated control addresses of the group, in order: tcp://HOST0:PORT0,... "
+                        "(this node's own entry is the address it binds)")
+    g.add_argument("--node", type=int, default=0, help="this daemon's index in --peers (default: 0)")
+    g.add_argument("--parity", type=int, default=1, help="parity nodes per stripe, m (default: 1)")
+    g.add_argument("--data-port", type=int, default=0,
+                   help="port of the bulk data endpoint on the control host (default: 0 = any free port)")
+    g.add_argument("--advertise", default="", help="host peers should use to reach this node, if not the bound one")
+    g.add_argument("--curve-secret", default="", help="this node's node-<i>.key_secret (shardkeep keygen)")
+    g.add_argument("--curve-public-dir", default="", help="directory of the group's node-<i>.key public keys")
+    g.add_argument("--insecure", action="store_true",
+                   help="no CURVE: plain TCP between daemons; refused unless every address is loopback")
+    g.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats to peers (default: 1)")
+    g.add_argument("--peer-timeout", type=float, default=5.0,
+                   help="a peer silent this many seconds is down and the group degraded (default: 5)")
+    g.add_argument("--encrypt-data", action="store_true",
+                   help="send bulk data over CURVE too (slower) instead of plain frames with keyed BLAKE3 tags")
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -53,11 +71,21 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         slots=args.slots,
         log_level=args.log_level,
+        node=args.node,
+        peers=[a.strip() for a in args.peers.split(",") if a.strip()],
+        parity=args.parity,
+        data_port=args.data_port,
+        advertise=args.advertise,
+        curve_secret=args.curve_secret,
+        curve_public_dir=args.curve_public_dir,
+        insecure=args.insecure,
+        encrypt_data=args.encrypt_data,
+        timeouts=Timeouts(heartbeat=args.heartbeat, peer_down=args.peer_timeout),
     )
     try:
         cfg.validate()
         run_daemon(cfg)
-    except (ShardkeepError, ValueError) as exc:
+    except (ShardkeepError, ValueError, OSError) as exc:
         print(f"shardkeepd: {exc}", file=sys.stderr)
         return 1
     return 0

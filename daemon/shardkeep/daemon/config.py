@@ -20,6 +20,16 @@ class DaemonConfig:
     slots: int = DEFAULT_SLOTS
     log_level: str = "INFO"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # group (no peers: a group of one, the single-node mode)
+    node: int = 0
+    peers: list[str] = field(default_factory=list)
+    parity: int = 1
+    data_port: int = 0
+    advertise: str = ""
+    curve_secret: str = ""
+    curve_public_dir: str = ""
+    insecure: bool = False
+    encrypt_data: bool = False
 
     def validate(self) -> "DaemonConfig":
         if not _PREFIX_RE.fullmatch(self.shm_prefix):
@@ -31,6 +41,22 @@ class DaemonConfig:
             raise ValueError(f"slots must be 2..8, got {self.slots}")
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise ValueError(f"memory_limit must be positive, got {self.memory_limit}")
+        if not (0 < self.timeouts.heartbeat < self.timeouts.peer_down):
+            raise ValueError(f"need 0 < heartbeat ({self.timeouts.heartbeat}) < peer timeout "
+                             f"({self.timeouts.peer_down})")
+        if self.peers:
+            n = len(self.peers)
+            if n < 2:
+                raise ValueError("--peers needs at least two addresses (this node's and a peer's)")
+            if not 0 <= self.node < n:
+                raise ValueError(f"--node {self.node} is not an index into the {n} --peers addresses")
+            if not 1 <= self.parity < n:
+                raise ValueError(f"--parity must be in [1, {n - 1}] for a group of {n}, got {self.parity}")
+            if self.insecure and self.encrypt_data:
+                raise ValueError("--insecure and --encrypt-data contradict each other")
+            if not self.insecure and not (self.curve_secret and self.curve_public_dir):
+                raise ValueError("a group needs --curve-secret FILE and --curve-public-dir DIR "
+                                 "(shardkeep keygen writes them), or --insecure on loopback")
         if not self.state_dir:
             base = "/var/lib/shardkeep" if os.geteuid() == 0 else os.path.expanduser("~/.local/state/shardkeep")
             self.state_dir = os.path.join(base, self.shm_prefix)

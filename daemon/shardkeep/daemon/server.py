@@ -61,6 +61,8 @@ class Daemon:
         self.adopted = 0
         self.dropped_bad = 0
         self.faults = fault_plan()
+        self.group = None
+        self.fenced = ""
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -164,8 +166,15 @@ class Daemon:
     async def run(self) -> None:
         self._lock()
         await self.adopt()
-        sock = self._bind()
         self._stop = asyncio.Event()
+        if self.cfg.peers:
+            from .codec import pick_ec_type
+            from .group import Group
+
+            codec = await asyncio.get_running_loop().run_in_executor(self._pool, pick_ec_type)
+            self.group = Group(self.cfg, self.instance, codec, self._fenced)
+            await self.group.start()
+        sock = self._bind()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -178,7 +187,18 @@ class Daemon:
         janitor.cancel()
         await asyncio.gather(reader, janitor, return_exceptions=True)
         sock.close(linger=0)
+        if self.group is not None:
+            await self.group.stop()
         self.shutdown()
+        if self.fenced:
+            raise UnavailableError(f"stood down: {self.fenced}")
+
+    def _fenced(self, why: str) -> None:
+        """A newer generation of this node exists: serve nothing more."""
+        log.critical("this node was replaced in its group and stands down: %s", why)
+        self.fenced = why
+        if self._stop is not None:
+            self._stop.set()
 
     def shutdown(self) -> None:
         """Free slots go; committed versions stay in /dev/shm for the next daemon."""
@@ -442,6 +462,7 @@ class Daemon:
             "adopted_slots": self.adopted,
             "dropped_bad_slots": self.dropped_bad,
             "jobs": jobs,
+            "group": self.group.status() if self.group is not None else None,
         }
 
 

@@ -28,6 +28,21 @@ def render_status(st: dict[str, Any]) -> None:
         f"errors {st.get('errors', 0)}, slots adopted {st.get('adopted_slots', 0)}, "
         f"bad slots dropped {st.get('dropped_bad_slots', 0)}"
     )
+    grp = st.get("group")
+    if grp:
+        console.print(
+            f"group {grp['group']}: node {grp['node']} of {grp['n']}, parity {grp['parity']}, {grp['codec']}, "
+            f"generation {grp['generation']}, {grp['security']}"
+            + (" [bold red]DEGRADED[/bold red]" if grp["degraded"] else " healthy")
+        )
+        peers = Table(title="peers")
+        for col in ("node", "control", "data", "generation", "state", "last seen", "error"):
+            peers.add_column(col)
+        for p in grp["peers"]:
+            peers.add_row(str(p["node"]), p["control"], p["data"] or "-", str(p["generation"]),
+                          "[green]up[/green]" if p["up"] else "[red]down[/red]",
+                          "-" if p["last_seen_s"] is None else f"{p['last_seen_s']} s ago", p["error"][:60])
+        console.print(peers)
     jobs = st.get("jobs", [])
     if not jobs:
         console.print("no jobs")

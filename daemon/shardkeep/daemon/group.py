@@ -1,0 +1,271 @@
+"""The daemon's place in its group: peer sockets, HELLO and generations, heartbeats, health.
+
+Every peer message arrives with its sender's index taken from the sender's
+CURVE key (peerlink), never from a field the sender wrote.  On start a daemon
+sends HELLO to every peer until each answered once; a HELLO carries the key
+the sender wants on data frames addressed to it, and the reply carries the
+receiver's, so one exchange keys both directions of the data plane.  A node
+with no recorded generation (fresh, or a replacement with an empty state dir)
+first asks its peers for one.  Heartbeats go out every ``heartbeat`` seconds;
+a peer silent for ``peer_down`` seconds is down and the group is degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from shardkeep.proto.errors import PermissionDeniedError, ProtocolError, ShardkeepError
+
+from .membership import Membership
+from .peerlink import (
+    ControlClient,
+    ControlServer,
+    DataPlane,
+    PeerContext,
+    PeerMessage,
+    PeerSecurity,
+    new_session_key,
+    split_address,
+)
+from .stripes import Placement
+
+log = logging.getLogger("shardkeep.group")
+
+
+def _with_host(endpoint: str, host: str) -> str:
+    _, _, port = split_address(endpoint)
+    return f"tcp://{host}:{port}"
+
+
+class Group:
+    def __init__(self, cfg: Any, instance: str, codec: str, on_fenced: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.instance = instance
+        self.codec = codec
+        self.on_fenced = on_fenced
+        self.node: int = cfg.node
+        self.n = len(cfg.peers)
+        self.placement = Placement(self.n, cfg.parity)
+        mode = "insecure" if cfg.insecure else "encrypt-data" if cfg.encrypt_data else "curve"
+        self.security = PeerSecurity.from_files(mode, cfg.node, cfg.curve_secret or None,
+                                                cfg.curve_public_dir or None)
+        self.security.check_insecure_addresses(cfg.peers + ([cfg.advertise] if cfg.advertise else []))
+        self.membership = Membership.load_or_new(cfg.state_dir, self.n, cfg.parity, codec, cfg.node, cfg.peers)
+        self.pctx: PeerContext | None = None
+        self.server: ControlServer | None = None
+        self.data: DataPlane | None = None
+        self.clients: dict[int, ControlClient] = {}
+        self.greeted: set[int] = set()       # peers that answered our HELLO since we started
+        self.control_endpoint = ""
+        self.data_endpoint = ""
+        self._tasks: list[asyncio.Task] = []
+        self.started = time.monotonic()
+        self.hello_errors: dict[int, str] = {}
+        self._beats: dict[int, tuple[ControlClient, asyncio.Task]] = {}
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.pctx = await PeerContext(self.security).start()
+        self.server = ControlServer(self.pctx, cfg.peers[self.node], self._handle)
+        bound = await self.server.start()
+        _, bind_host, _ = split_address(bound)
+        host = cfg.advertise or bind_host
+        self.control_endpoint = _with_host(bound, host)
+        self.data = DataPlane(self.pctx, bind_host, cfg.data_port)
+        self.data_endpoint = _with_host(await self.data.start(), host)
+        for j, rec in self.membership.peers.items():
+            self.clients[j] = ControlClient(self.pctx, j, rec.control, timeout=cfg.timeouts.client_request).connect()
+        self._tasks = [asyncio.create_task(self._hello_loop(), name="sk-hello"),
+                       asyncio.create_task(self._heartbeat_loop(), name="sk-heartbeat")]
+        log.info("group %s: node %d of %d (parity %d, %s), control %s, data %s",
+                 self.membership.group, self.node, self.n, self.cfg.parity, self.security.mode,
+                 self.control_endpoint, self.data_endpoint)
+
+    async def stop(self) -> None:
+        for t in self._tasks + [t for _, t in self._beats.values()]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.clients.values():
+            await c.close()
+        if self.data:
+            await self.data.close()
+        if self.server:
+            await self.server.close()
+        if self.pctx:
+            await self.pctx.close()
+
+    # --- HELLO -------------------------------------------------------------------------
+
+    def _hello_fields(self, gen: int, key: bytes) -> dict:
+        m = self.membership
+        return {"group": m.group, "node": self.node, "gen": gen, "control": self.control_endpoint,
+                "data": self.data_endpoint, "instance": self.instance, "key": key,
+                "n": self.n, "m": m.m, "codec": m.codec}
+
+    async def _ask_generation(self) -> int | None:
+        """A node without a recorded generation asks the survivors for one (the highest answer wins)."""
+        answers = []
+        for j, c in self.clients.items():
+            try:
+                r = await c.request("hello", self._hello_fields(0, new_session_key()),
+                                    timeout=self.cfg.timeouts.heartbeat * 2)
+                answers.append(int(r.fields.get("assigned_gen", 1)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.hello_errors[j] = str(exc)
+        return max(answers) if answers else None
+
+    async def _greet(self, j: int) -> None:
+        assert self.data is not None
+        key = new_session_key()
+        self.data.set_recv_key(j, key)
+        try:
+            r = await self.clients[j].request("hello", self._hello_fields(self.membership.gen, key),
+                                             timeout=self.cfg.timeouts.heartbeat * 2)
+        except PermissionDeniedError as exc:
+            if exc.details.get("stand_down"):
+                self.on_fenced(str(exc))
+            raise
+        f = r.fields
+        if not isinstance(f.get("key"), bytes) or not isinstance(f.get("data"), str):
+            raise ProtocolError(f"node {j} answered HELLO without a data key and address")
+        rec = self.membership.peers[j]
+        gen = int(f.get("gen", 0))
+        if 0 < gen < rec.gen:
+            raise PermissionDeniedError(f"node {j} at {rec.control} answers as generation {gen}, but generation "
+                                        f"{rec.gen} replaced it; not using it")
+        self.data.set_send_key(j, f["key"])
+        rec.gen = max(rec.gen, gen)
+        rec.instance = str(f.get("instance", ""))
+        if rec.data != f["data"]:
+            rec.data = f["data"]
+        self.data.connect(j, rec.data)
+        self.membership.save(self.cfg.state_dir)
+        self.greeted.add(j)
+        self.hello_errors.pop(j, None)
+        log.info("node %d: HELLO answered by node %d (generation %d, data %s)", self.node, j, rec.gen, rec.data)
+
+    async def _hello_loop(self) -> None:
+        period = self.cfg.timeouts.heartbeat
+        while self.membership.gen == 0:
+            gen = await self._ask_generation()
+            if gen is not None:
+                self.membership.gen = gen
+                self.membership.save(self.cfg.state_dir)
+                log.info("node %d: joined group %s as generation %d", self.node, self.membership.group, gen)
+                break
+            await asyncio.sleep(period)
+        while True:
+            for j in list(self.clients):
+                if j not in self.greeted:
+                    try:
+                        await self._greet(j)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        self.hello_errors[j] = str(exc)
+            await asyncio.sleep(period)
+
+    async def _heartbeat_loop(self) -> None:
+        period = self.cfg.timeouts.heartbeat
+        while True:
+            if self.membership.gen:
+                fields = {"gen": self.membership.gen, "degraded": self.degraded, "time": time.time()}
+                # one task per peer, never awaited here: a dead peer's send timeout, or a client
+                # replaced (closed) in the middle of a send, must not delay the others' heartbeats
+                for j, c in list(self.clients.items()):
+                    prev = self._beats.get(j)
+                    if prev is not None and prev[0] is c and not prev[1].done():
+                        continue
+                    self._beats[j] = (c, asyncio.create_task(self._beat(j, c, fields, period)))
+            await asyncio.sleep(period)
+
+    async def _beat(self, j: int, c: ControlClient, fields: dict, period: float) -> None:
+        try:
+            # wait_for as well: a client replaced (closed) mid-send must not hang the loop
+            await asyncio.wait_for(c.send("heartbeat", fields, timeout=period), period * 1.5)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the loop must outlive any one peer's trouble
+            log.debug("heartbeat to node %d: %r", j, exc)
+
+    # --- incoming ------------------------------------------------------------------------
+
+    async def _handle(self, msg: PeerMessage) -> Any:
+        if msg.type == "hello":
+            return await self._on_hello(msg)
+        rec = self.membership.peers.get(msg.src)
+        gen = msg.fields.get("gen")
+        if rec is not None and isinstance(gen, int) and gen < rec.gen:
+            raise PermissionDeniedError(f"node {msg.src} generation {gen} was replaced by {rec.gen}: stand down",
+                                        stand_down=True)
+        if msg.type == "heartbeat":
+            return None
+        raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
+
+    async def _on_hello(self, msg: PeerMessage) -> dict:
+        f, src = msg.fields, msg.src
+        self.membership.check_group(f)
+        accepted, gen = self.membership.accept_hello(src, f["gen"])
+        if not accepted:
+            return {"assigned_gen": gen}
+        assert self.data is not None
+        rec = self.membership.peers[src]
+        replaced = gen > rec.gen and rec.gen > 0
+        rec.gen, rec.instance = gen, str(f.get("instance", ""))
+        if f["control"] != rec.control:
+            log.info("node %d: node %d now answers at %s (was %s)", self.node, src, f["control"], rec.control)
+            rec.control = f["control"]
+            old = self.clients.get(src)
+            self.clients[src] = ControlClient(self.pctx, src, rec.control,
+                                              timeout=self.cfg.timeouts.client_request).connect()
+            if old is not None:
+                asyncio.create_task(old.close())
+        rec.data = f["data"]
+        if isinstance(f.get("key"), bytes):
+            self.data.set_send_key(src, f["key"])
+        mine = new_session_key()
+        self.data.set_recv_key(src, mine)
+        self.data.connect(src, rec.data)
+        self.membership.save(self.cfg.state_dir)
+        if replaced:
+            log.warning("node %d: node %d is a replacement, generation %d", self.node, src, gen)
+        return {"key": mine, "gen": self.membership.gen, "data": self.data_endpoint, "instance": self.instance}
+
+    # --- health --------------------------------------------------------------------------
+
+    def peer_up(self, j: int) -> bool:
+        seen = self.server.last_seen.get(j) if self.server else None
+        return seen is not None and time.monotonic() - seen < self.cfg.timeouts.peer_down
+
+    @property
+    def degraded(self) -> bool:
+        return any(not self.peer_up(j) for j in self.membership.peers)
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        m = self.membership
+        peers = []
+        for j, rec in sorted(m.peers.items()):
+            seen = self.server.last_seen.get(j) if self.server else None
+            peers.append({
+                "node": j, "control": rec.control, "data": rec.data, "generation": rec.gen,
+                "up": self.peer_up(j), "last_seen_s": None if seen is None else round(now - seen, 2),
+                "greeted": j in self.greeted, "error": self.hello_errors.get(j, ""),
+            })
+        return {
+            "group": m.group, "node": self.node, "n": self.n, "parity": m.m, "codec": m.codec,
+            "generation": m.gen, "security": self.security.mode, "control": self.control_endpoint,
+            "data": self.data_endpoint, "degraded": self.degraded, "peers": peers,
+            "forged_data_frames_dropped": self.data.forged_dropped if self.data else 0,
+            "refused_connections": self.pctx.refused_connections if self.pctx else 0,
+            "control_messages": {"received": self.server.received if self.server else 0,
+                                 "rejected": self.server.rejected if self.server else 0},
+            "client_states": {str(j): c.state for j, c in self.clients.items()},
+        }
