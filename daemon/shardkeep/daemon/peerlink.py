@@ -54,6 +54,16 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from shardkeep.proto import wire
+from shardkeep.proto.fields import (
+    boolean,
+    bytes_of,
+    int_range,
+    job_id,
+    list_of,
+    non_negative,
+    one_of,
+    str_max,
+)
 from shardkeep.proto.errors import (
     PermissionDeniedError,
     ProtocolError,
@@ -109,68 +119,11 @@ _ZMQ_HEARTBEAT_TIMEOUT_MS = 5000
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 2000
 
-# --- field validators (same style as shardkeep.proto.wire) --------------------------
+# --- field validators (shared with shardkeep.proto.wire) ------------------------------
 
 
-def _int(lo: int, hi: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
-
-    return check
-
-
-def _str(maxlen: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, str) or len(v) > maxlen:
-            raise ProtocolError(f"field {name!r} must be a string of at most {maxlen} characters")
-        return v
-
-    return check
-
-
-def _enum(*values: str) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if v not in values or not isinstance(v, str):
-            raise ProtocolError(f"field {name!r} must be one of {list(values)}, got {v!r}")
-        return v
-
-    return check
-
-
-def _bytes(n: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, bytes) or len(v) != n:
-            raise ProtocolError(f"field {name!r} must be {n} bytes")
-        return v
-
-    return check
-
-
-def _list(item: Callable[[str, Any], Any], maxlen: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, list) or len(v) > maxlen:
-            raise ProtocolError(f"field {name!r} must be a list of at most {maxlen} items")
-        return [item(f"{name}[{i}]", x) for i, x in enumerate(v)]
-
-    return check
-
-
-def _bool(name: str, v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise ProtocolError(f"field {name!r} must be a boolean, got {v!r}")
-    return v
-
-
-def _float(name: str, v: Any) -> Any:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ProtocolError(f"field {name!r} must be a finite non-negative number, got {v!r}")
-    return v
-
-
-def _job(name: str, v: Any) -> Any:
-    return check_job_id(v)
+_int, _str, _enum, _bytes, _list = int_range, str_max, one_of, bytes_of, list_of
+_bool, _float, _job = boolean, non_negative, job_id
 
 
 def _address(name: str, v: Any) -> Any:

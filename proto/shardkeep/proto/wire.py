@@ -15,7 +15,7 @@ from typing import Any, Callable
 import msgpack
 
 from .errors import ProtocolError, ShardkeepError
-from .layout import check_job_id
+from .fields import boolean, int_range, job_id, str_max
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20          # a header frame
@@ -25,32 +25,7 @@ MAX_STEP = (1 << 63) - 1
 MAX_RANK = 1 << 20
 
 
-def _int(lo: int, hi: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
-
-    return check
-
-
-def _str(maxlen: int) -> Callable[[str, Any], Any]:
-    def check(name: str, v: Any) -> Any:
-        if not isinstance(v, str) or len(v) > maxlen:
-            raise ProtocolError(f"field {name!r} must be a string of at most {maxlen} characters")
-        return v
-
-    return check
-
-
-def _bool(name: str, v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise ProtocolError(f"field {name!r} must be a boolean, got {v!r}")
-    return v
-
-
-def _job(name: str, v: Any) -> Any:
-    return check_job_id(v)
+_int, _str, _bool, _job = int_range, str_max, boolean, job_id
 
 
 STEP = _int(0, MAX_STEP)
