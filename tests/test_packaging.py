@@ -129,3 +129,20 @@ def test_release_frees_a_job(daemon, job_id):
     r = subprocess.run(shardkeep_cmd("release", "--job", job_id, "--socket", daemon.socket),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no job" in r.stderr
+
+
+def test_job_ttl_evicts_idle_jobs_and_logs_it(make_daemon, job_id):
+    import time
+
+    import torch
+
+    from shardkeep.client import Snapshotter
+
+    d = make_daemon(["--job-ttl", "1"])
+    with Snapshotter(socket=d.socket, job=job_id, rank=0, world_size=1) as snap:
+        snap.snapshot({"t": torch.ones(4)}, 0).result(timeout=30)
+    deadline = time.monotonic() + 20
+    while d.job_status(job_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert d.job_status(job_id) is None and d.segments() == []
+    assert "longer than --job-ttl" in d.log()

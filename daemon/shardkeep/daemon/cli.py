@@ -33,6 +33,9 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
                    help="daemon state directory (default: /var/lib/shardkeep/PREFIX for root, "
                         "else ~/.local/state/shardkeep/PREFIX)")
     p.add_argument("--slots", type=int, default=2, help="shm slots per (job, rank), 2..8 (default: 2)")
+    p.add_argument("--job-ttl", type=float, default=0.0,
+                   help="free a job no trainer has touched for this many seconds (default: 0 = keep until "
+                        "snap.finish() or shardkeep release)")
     p.add_argument("--log-level", default=os.environ.get("SHARDKEEP_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g = p.add_argument_group("group (omit --peers for a single node)")
@@ -70,6 +73,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         memory_limit=_size(mem) if isinstance(mem, str) else mem,
         state_dir=args.state_dir,
         slots=args.slots,
+        job_ttl=args.job_ttl,
         log_level=args.log_level,
         node=args.node,
         peers=[a.strip() for a in args.peers.split(",") if a.strip()],

@@ -18,6 +18,7 @@ class DaemonConfig:
     memory_limit: int | None = None
     state_dir: str = ""
     slots: int = DEFAULT_SLOTS
+    job_ttl: float = 0.0               # seconds; 0 keeps idle jobs until finish/release
     log_level: str = "INFO"
     timeouts: Timeouts = field(default_factory=Timeouts)
     # group (no peers: a group of one, the single-node mode)
@@ -37,6 +38,8 @@ class DaemonConfig:
                 f"shm_prefix {self.shm_prefix!r}: 1-48 characters of A-Z a-z 0-9 _, "
                 "starting with a letter or digit"
             )
+        if self.job_ttl < 0:
+            raise ValueError(f"job_ttl must be >= 0 seconds, got {self.job_ttl}")
         if not 2 <= self.slots <= 8:
             raise ValueError(f"slots must be 2..8, got {self.slots}")
         if self.memory_limit is not None and self.memory_limit <= 0:

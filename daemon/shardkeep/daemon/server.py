@@ -221,12 +221,15 @@ class Daemon:
         while True:
             await asyncio.sleep(2.0)
             now = time.monotonic()
-            for job in self.jobs.values():
+            for job in list(self.jobs.values()):
                 for s in job.all_slots():
                     for token, expiry in list(s.pins.items()):
                         if expiry < now:
                             log.warning("restore pin %s on %s expired", token, s.name)
                             self._unpin(job, s, token)
+                idle = time.time() - job.last_active
+                if self.cfg.job_ttl and idle > self.cfg.job_ttl and not any(s.pinned for s in job.all_slots()):
+                    self._drop_job(job, f"idle for {idle:.0f} s, longer than --job-ttl {self.cfg.job_ttl:.0f} s")
 
     # --- serving -----------------------------------------------------------------
 
@@ -304,6 +307,7 @@ class Daemon:
             if job is None:
                 job = self.jobs[name] = JobState(name, f["world_size"], f["local_world_size"])
             job.world_size, job.local_world_size = f["world_size"], f["local_world_size"]
+            job.last_active = time.time()
             rs = job.rank_state(rank)
             session = job.new_session(rank)
             rs.need_data, rs.need_manifest, rs.pid = f["data_bytes"], f["manifest_bytes"], f.get("pid", 0)
@@ -389,6 +393,7 @@ class Daemon:
         job = self.jobs.get(f["job"])
         if job is None:
             return {"restorable": [], "history": 0, "exists": False}
+        job.last_active = time.time()
         out: dict[str, Any] = {"restorable": job.restorable(), "history": job.history, "exists": True,
                                "world_size": job.world_size, "local_world_size": job.local_world_size}
         if "rank" in f:
@@ -399,6 +404,7 @@ class Daemon:
     def h_open(self, f, payload):
         job = self._job(f["job"])
         slot = job.find(f["rank"], f["step"])
+        job.last_active = time.time()
         token = secrets.token_hex(8)
         slot.pins[token] = time.monotonic() + self.cfg.timeouts.pin_lease
         h = slot.header
@@ -434,13 +440,16 @@ class Daemon:
         return {"history": job.history}
 
     def h_finish(self, f, payload):
-        job = self._job(f["job"])
-        n = len(job.all_slots())
-        for s in job.all_slots():
+        return {"freed_slots": self._drop_job(self._job(f["job"]), "finished")}
+
+    def _drop_job(self, job: JobState, why: str) -> int:
+        slots = job.all_slots()
+        freed = sum(s.size for s in slots)
+        for s in slots:
             s.destroy()
         del self.jobs[job.job]
-        log.info("job %s finished: %d slots freed", job.job, n)
-        return {"freed_slots": n}
+        log.info("job %s %s: %d slots, %d bytes freed", job.job, why, len(slots), freed)
+        return len(slots)
 
     def h_ping(self, f, payload):
         return {"pid": os.getpid()}
