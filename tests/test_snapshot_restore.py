@@ -260,3 +260,18 @@ def test_growing_layout_frees_the_old_slots_once_the_new_one_commits(daemon, job
         assert len(now) == 2 and not now & small, "old-layout slots must go once the new layout is recorded"
         out = {"t": torch.zeros(500_000)}
         assert snap.restore(out) == 2 and torch.equal(out["t"], torch.ones(500_000))
+
+
+@pytest.mark.parametrize("hash_threads", [0, 2])
+def test_checksums_inline_or_on_threads_verify_the_same(daemon, job_id, hash_threads):
+    g = torch.Generator().manual_seed(7)
+    state = {"a": torch.randn(3_000_000, generator=g), "b": torch.randn(777, 3, generator=g).t(),
+             "c": torch.arange(10**6, dtype=torch.int64)}
+    want = {k: v.clone() for k, v in state.items()}
+    with _snap(daemon, job_id, hash_threads=hash_threads) as snap:
+        snap.snapshot(state, 0).result(timeout=30)
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        assert snap.restore(out) == 0
+        assert snap.last_restore.fell_back_from == []
+    for k in want:
+        assert torch.equal(out[k], want[k]), k

@@ -8,6 +8,7 @@ while it is still in cache.  Other tensors go through ``Tensor.copy_``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 from typing import Callable
 
@@ -20,22 +21,41 @@ PIECE = 8 << 20
 
 
 class ChunkHasher:
-    """Hashes the data region chunk by chunk, as far as the copy has written."""
+    """Hashes the data region chunk by chunk, as far as the copy has written.
 
-    def __init__(self, data: memoryview, nbytes: int, chunk: int) -> None:
+    With an executor, the chunks are hashed on another thread while the copy
+    goes on (xxh3 releases the GIL); without one, inline right after each piece
+    is copied, while it is still in cache.
+    """
+
+    def __init__(self, data: memoryview, nbytes: int, chunk: int,
+                 executor: "concurrent.futures.Executor | None" = None) -> None:
         self.data, self.nbytes, self.chunk = data, nbytes, chunk
+        self.executor = executor
         self.sums: list[int] = []
-        self.done = 0  # bytes hashed
+        self.pending: list[concurrent.futures.Future] = []
+        self.done = 0  # bytes hashed (or handed to the executor)
+
+    def _hash(self, start: int, end: int) -> list[int]:
+        c = self.chunk
+        return [checksum(self.data[a : min(a + c, end)]) for a in range(start, end, c)]
 
     def advance(self, upto: int) -> None:
         upto = min(upto, self.nbytes)
-        while self.done + self.chunk <= upto or (upto == self.nbytes and self.done < upto):
-            end = min(self.done + self.chunk, self.nbytes)
-            self.sums.append(checksum(self.data[self.done : end]))
-            self.done = end
+        end = upto if upto == self.nbytes else self.done + (upto - self.done) // self.chunk * self.chunk
+        if end <= self.done:
+            return
+        if self.executor is None:
+            self.sums.extend(self._hash(self.done, end))
+        else:
+            self.pending.append(self.executor.submit(self._hash, self.done, end))
+        self.done = end
 
     def finish(self) -> list[int]:
         self.advance(self.nbytes)
+        for f in self.pending:
+            self.sums.extend(f.result())
+        self.pending.clear()
         return self.sums
 
 

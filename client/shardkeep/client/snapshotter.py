@@ -157,6 +157,7 @@ class Snapshotter:
         timeout: float = DEFAULT_TIMEOUTS.client_request,
         slots: int | None = None,
         max_stall: float = 1.0,
+        hash_threads: int | None = None,
     ) -> None:
         self.socket = socket or default_socket()
         self.job = resolve_job(job)
@@ -176,6 +177,11 @@ class Snapshotter:
         self.timeout = timeout
         self.slots = slots
         self.max_stall = max_stall
+        # checksums on a thread of their own when there are cores to spare; inline on small machines
+        if hash_threads is None:
+            hash_threads = 1 if (os.cpu_count() or 1) >= 4 else 0
+        self._hash_pool = (concurrent.futures.ThreadPoolExecutor(hash_threads, thread_name_prefix="shardkeep-hash")
+                           if hash_threads > 0 else None)
         self.stats = Stats()
         self.last_restore: RestoreInfo | None = None
 
@@ -288,6 +294,8 @@ class Snapshotter:
         self._hooked.clear()
         self._chan.close()
         self._maps.clear()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
 
     def finish(self) -> None:
         """The run is over: free this job's memory on the daemon (every rank's versions)."""
@@ -512,8 +520,8 @@ class Snapshotter:
         flat = p.flat
         region = mapping.u8[data_offset : data_offset + max(data_bytes, 1)]
         data = memoryview(mapping.mm)[data_offset : data_offset + data_bytes]
+        hasher = ChunkHasher(data, data_bytes, manifest.chunk, self._hash_pool)
         try:
-            hasher = ChunkHasher(data, data_bytes, manifest.chunk)
             n_early = sum(1 for late, priv in zip(flat.late, flat.private) if not late and not priv)
             n_late = len(order) - n_early
             stream = None
@@ -536,6 +544,7 @@ class Snapshotter:
                 self._faults.hit(Phase.COPY)
             manifest.checksums = hasher.finish()
         finally:
+            concurrent.futures.wait(hasher.pending)  # hashing threads hold views of ``data``
             data.release()
 
     def _abort(self, reg: _Registration, step: int, slot_id: int, reason: str) -> None:
