@@ -320,7 +320,7 @@ def test_replacement_with_same_key_at_new_address(keydir):
 
 def test_insecure_only_on_loopback():
     sec = PeerSecurity("insecure", 0)
-    sec.check_insecure_addresses(["tcp://127.0.0.1:5000", "tcp://localhost:1", "tcp://[::1]:2",
+    sec.check_insecure_addresses(["tcp://127.0.0.1:500", "tcp://localhost:1", "tcp://[::1]:2",
                                   "127.0.0.2:3", "ipc:///tmp/x.sock"])
     for bad in ("tcp://10.0.0.1:5000", "tcp://0.0.0.0:5000", "tcp://*:5000", "tcp://node7:5000"):
         with pytest.raises(ValueError, match="loopback"):

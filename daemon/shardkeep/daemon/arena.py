@@ -1,7 +1,7 @@
 """Shared-memory slot segments: create, reserve, map, header and manifest I/O.
 
 Segments are plain files in /dev/shm created with ``os.open(O_CREAT|O_EXCL)``
-(never ``multiprocessing.shared_memory``, whose resource tracker unlinks a
+(never Python's ``shared_memory`` module, whose resource tracker unlinks a
 segment when any process that attached it exits), mode 0600, reserved with
 ``posix_fallocate`` so that a full tmpfs is an error here and never a SIGBUS
 in the middle of a trainer's copy.

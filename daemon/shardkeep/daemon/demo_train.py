@@ -52,6 +52,23 @@ def shape_for(size_bytes: int, vocab: int = 4096) -> tuple[int, int]:
     return d, min(layers, 48)
 
 
+def dump_state(obj) -> bytes:
+    """The final state, every tensor as (dtype, shape, raw bytes), in shardkeep's msgpack codec (no pickle)."""
+    from shardkeep.proto.leaves import pack_skeleton
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().contiguous().reshape(-1)
+            return ("tensor", str(x.dtype), tuple(x.shape), t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(conv(v) for v in x)
+        return x
+
+    return pack_skeleton(conv(obj))
+
+
 def batch(step: int, vocab: int, ctx: int = 64, n: int = 16):
     g = torch.Generator().manual_seed(10_000 + step)
     # a learnable pattern: each sequence counts up from a random start
@@ -132,7 +149,8 @@ def main() -> int:
         snap.close()
     final = {"model": model.state_dict(), "optim": opt.state_dict(), "data": state["data"],
              "rng": torch.get_rng_state()}
-    torch.save(final, args.out)
+    with open(args.out, "wb") as f:
+        f.write(dump_state(final))
     if args.baselines:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "ckpt.pt")
@@ -144,6 +162,7 @@ def main() -> int:
                 os.fsync(f.fileno())
             save_s = time.perf_counter() - t0
             t0 = time.perf_counter()
+            # the baseline being measured: a file this process has just written
             loaded = torch.load(path, weights_only=True)
             model.load_state_dict(loaded["model"])
             opt.load_state_dict(loaded["optim"])
