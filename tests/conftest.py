@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +106,7 @@ def make_daemon(tmp_path):
 
     def make(extra: list[str] | None = None, env: dict | None = None, prefix: str | None = None) -> DaemonProc:
         prefix = prefix or f"skt{secrets.token_hex(4)}"
+        _PREFIXES.append(prefix)
         root = tmp_path / prefix
         root.mkdir(exist_ok=True)
         d = DaemonProc(root, prefix, extra, env)
@@ -129,8 +129,12 @@ def job_id() -> str:
     return f"job-{secrets.token_hex(4)}"
 
 
+_PREFIXES: list[str] = []  # every shm prefix this session's daemons used
+
+
 def pytest_sessionfinish(session, exitstatus):
-    # belt and braces: nothing a test daemon created may outlive the suite
-    for p in SHM.glob("skt*"):
-        p.unlink(missing_ok=True)
-    shutil.rmtree("/tmp/shardkeep-test-leftovers", ignore_errors=True)
+    # belt and braces: nothing this session's daemons created may outlive it (and nothing of
+    # another session running side by side is touched)
+    for prefix in _PREFIXES:
+        for p in SHM.glob(f"{prefix}[-.]*"):
+            p.unlink(missing_ok=True)

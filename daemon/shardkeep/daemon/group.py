@@ -86,18 +86,25 @@ class Group:
                  self.membership.group, self.node, self.n, self.cfg.parity, self.security.mode,
                  self.control_endpoint, self.data_endpoint)
 
-    async def stop(self) -> None:
-        for t in self._tasks + [t for _, t in self._beats.values()]:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close every peer socket; each step bounded, so a stuck socket never keeps the daemon up."""
+        tasks = self._tasks + [t for _, t in self._beats.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for c in self.clients.values():
-            await c.close()
-        if self.data:
-            await self.data.close()
-        if self.server:
-            await self.server.close()
+        closers = [("tasks", asyncio.gather(*tasks, return_exceptions=True))]
+        closers += [(f"client {j}", c.close()) for j, c in self.clients.items()]
+        closers += [("data plane", self.data.close())] if self.data else []
+        closers += [("control server", self.server.close())] if self.server else []
+        for what, aw in closers:
+            try:
+                await asyncio.wait_for(aw, timeout)
+            except (asyncio.TimeoutError, Exception) as exc:
+                log.warning("closing %s: %r", what, exc)
         if self.pctx:
-            await self.pctx.close()
+            try:
+                await asyncio.wait_for(self.pctx.close(), timeout)
+            except (asyncio.TimeoutError, Exception) as exc:
+                log.warning("closing the peer context: %r", exc)
 
     # --- HELLO -------------------------------------------------------------------------
 
