@@ -275,3 +275,24 @@ def test_checksums_inline_or_on_threads_verify_the_same(daemon, job_id, hash_thr
         assert snap.last_restore.fell_back_from == []
     for k in want:
         assert torch.equal(out[k], want[k]), k
+
+
+def test_a_loader_generator_and_an_lr_scheduler_resume_exactly(daemon, job_id):
+    m, opt = _model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    gen = torch.Generator().manual_seed(11)
+    loader = torch.utils.data.DataLoader(list(range(40)), batch_size=4, shuffle=True, generator=gen)
+    state = {"model": m, "optim": opt, "sched": sched, "loader_gen": gen}
+    with _snap(daemon, job_id) as snap:
+        for step in range(3):
+            _train_step(m, opt, step)
+            sched.step()
+        snap.snapshot(state, 2).result(timeout=30)
+        want_order = [b.tolist() for b in loader]          # the next epoch's order
+        want_lr = opt.param_groups[0]["lr"]
+        gen.manual_seed(999)                                # a restarted process draws differently
+        for _ in range(3):
+            sched.step()
+        assert snap.restore(state) == 2
+    assert [b.tolist() for b in loader] == want_order
+    assert opt.param_groups[0]["lr"] == want_lr and sched.last_epoch == 3

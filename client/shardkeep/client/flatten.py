@@ -141,6 +141,10 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
         return tuple(_walk(v, flat, f"{path}.{i}") for i, v in enumerate(obj))
     if is_stateful(obj):
         return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
+    if isinstance(obj, torch.Generator):  # e.g. a DataLoader's own generator=
+        if obj.device.type != "cpu":
+            raise TypeError(f"state[{path}]: only CPU torch.Generator objects are supported")
+        return {TAG: "generator", "state": flat.add_tensor(obj.get_state(), path)}
     if np is not None:
         if isinstance(obj, np.ndarray):  # by value, now: the array may change after snapshot() returns
             if obj.dtype.kind not in "biufc" or obj.dtype.hasobject:
@@ -211,6 +215,11 @@ class Restorer:
                 cur.load_state_dict(self.borrowed(saved["state"]))
             else:
                 cur.load_state_dict(self.owned(saved["state"], like=_current_state(cur)))
+            return
+        if isinstance(saved, dict) and saved.get(TAG) == "generator":
+            if not isinstance(cur, torch.Generator):
+                raise ValueError(f"state[{path}] was saved from a torch.Generator but is now {type(cur).__name__}")
+            cur.set_state(self.owned(saved["state"]))
             return
         if isinstance(saved, dict) and saved.get(TAG) == "stateful":
             raise ValueError(
