@@ -123,3 +123,15 @@ def test_versions_kept_by_a_resume_survive_a_daemon_restart(daemon, job_id):
     with Snapshotter(socket=daemon.socket, job=job_id, rank=0, world_size=1) as snap:
         out = {"t": torch.zeros(10)}
         assert snap.restore(out) == 3 and torch.equal(out["t"], torch.full((10,), 10.0))
+
+
+def test_a_wiped_segment_falls_back_and_is_dropped(daemon, job_id):
+    _two_versions(daemon, job_id).close()
+    path, _ = _committed_slot(daemon, job_id, 2)
+    os.unlink(path)  # /dev/shm lost a file while the daemon runs
+    snap = _snap(daemon, job_id)  # a restarted trainer: no mapping of the old file
+    out = {"t": torch.zeros(300_000)}
+    assert snap.restore(out) == 1 and torch.equal(out["t"], torch.ones(300_000))
+    assert [s for s, _ in snap.last_restore.fell_back_from] == [2]
+    assert 2 not in snap.versions()
+    snap.close()

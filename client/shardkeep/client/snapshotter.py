@@ -562,7 +562,10 @@ class Snapshotter:
         bad: str | None = None
         try:
             desc = r.fields["slot"]
-            mapping = self._maps.get(desc["name"], desc["size"])
+            try:
+                mapping = self._maps.get(desc["name"], desc["size"])
+            except NotFoundError as exc:  # the segment was removed behind the daemon's back
+                raise IntegrityError(f"step {step}: {exc}") from None
             moff, mlen = desc["manifest_offset"], int(r.fields["manifest_len"])
             raw = bytes(mapping.mm[moff : moff + mlen])
             if checksum(raw) != r.fields["manifest_xxh"]:
