@@ -13,14 +13,22 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
 import torch.nn as nn
 
 
+_emit_lock = threading.Lock()
+
+
 def emit(**ev) -> None:
-    print(json.dumps(ev), flush=True)
+    # snapshot futures call back on the client's copy thread: one whole line at a time
+    line = json.dumps(ev) + "\n"
+    with _emit_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class TinyGPT(nn.Module):
@@ -146,11 +154,16 @@ def main() -> int:
              stall_max=max(stalls[1:] or stalls), first_snapshot=stalls[0] if stalls else None,
              commit_median=statistics.median(commits) if commits else None,
              committed=snap.stats.committed, skipped=snap.stats.skipped)
-        snap.close()
     final = {"model": model.state_dict(), "optim": opt.state_dict(), "data": state["data"],
              "rng": torch.get_rng_state()}
     with open(args.out, "wb") as f:
         f.write(dump_state(final))
+    if snap is not None:
+        if args.baselines:  # like for like with torch.load below: into live tensors, optimizer state allocated
+            t0 = time.perf_counter()
+            snap.restore(state)
+            emit(event="warm-restore", seconds=time.perf_counter() - t0)
+        snap.close()
     if args.baselines:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "ckpt.pt")
