@@ -649,3 +649,23 @@ def test_throughput_plain_vs_curve(keydir):
     curve = run(measure("encrypt-data", 12))
     print(f"\ndata plane, 4 MiB messages on loopback: plain+BLAKE3 {plain:.0f} MB/s, "
           f"CURVE+BLAKE3 {curve:.0f} MB/s (ratio {plain / curve:.1f}x)")
+
+
+def test_closing_a_client_fails_its_pending_send_without_cancelling_the_caller():
+    """pyzmq cancels a pending send when the socket closes; callers must see an error, not a cancellation."""
+    from shardkeep.daemon.peerlink import ControlClient, PeerContext, PeerSecurity
+    from shardkeep.proto.errors import UnavailableError
+
+    async def main():
+        pctx = await PeerContext(PeerSecurity("insecure", 0)).start()
+        try:
+            c = ControlClient(pctx, 1, "tcp://127.0.0.1:1").connect()  # nobody listens there
+            t = asyncio.create_task(c.send("heartbeat", {"gen": 1}, timeout=5.0))
+            await asyncio.sleep(0.2)
+            await c.close()
+            with pytest.raises(UnavailableError, match="closed"):
+                await asyncio.wait_for(t, 5)
+        finally:
+            await pctx.close()
+
+    asyncio.run(main())

@@ -1036,6 +1036,13 @@ class ControlClient(_Monitored):
             ) from None
         except zmq.ZMQError as exc:
             raise UnavailableError(f"{mtype} to {self._where()} failed: {exc}", peer=self.peer) from None
+        except asyncio.CancelledError:
+            # pyzmq cancels a pending send when its socket is closed; only our own task's
+            # cancellation may propagate as such, or a caller's loop would end with it
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise UnavailableError(f"{mtype} to {self._where()}: the client was closed", peer=self.peer) from None
 
     async def request(self, mtype: str, fields: dict[str, Any] | None = None, payload: list | None = None,
                       timeout: float | None = None) -> wire.Message:
