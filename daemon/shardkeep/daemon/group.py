@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from shardkeep.proto.errors import PermissionDeniedError, ProtocolError, ShardkeepError
+from shardkeep.proto.errors import PermissionDeniedError, ProtocolError
 
 from .membership import Membership
 from .peerlink import (

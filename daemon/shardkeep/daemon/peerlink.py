@@ -72,7 +72,6 @@ from shardkeep.proto.errors import (
     UnavailableError,
     from_wire,
 )
-from shardkeep.proto.layout import check_job_id
 
 log = logging.getLogger("shardkeep.peer")
 

@@ -24,7 +24,6 @@ import zmq.asyncio
 
 from shardkeep.proto import wire
 from shardkeep.proto.errors import (
-    CapacityError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,

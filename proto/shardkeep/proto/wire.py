@@ -10,7 +10,7 @@ Nothing else in shardkeep builds or parses frames by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
