@@ -228,3 +228,52 @@ def verify_slot(slot: Slot) -> Manifest:
     finally:
         view.release()
     return m
+
+
+@dataclass(eq=False)
+class Segment:
+    """A plain reserved shm segment (staging and parity of the group commit): no slot header."""
+
+    name: str
+    size: int
+    fd: int
+    mm: mmap.mmap
+
+    def view(self) -> memoryview:
+        return memoryview(self.mm)
+
+    def destroy(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+
+
+def create_segment(name: str, size: int) -> Segment:
+    """Create, reserve (posix_fallocate) and map a 0600 segment (blocking: run it off the event loop)."""
+    path = os.path.join(SHM_DIR, name)
+    size = max(size, 4096)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                raise CapacityError(f"cannot reserve {size} bytes in {SHM_DIR} for {name}: "
+                                    f"{os.strerror(exc.errno)}", needed=size) from None
+            raise
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return Segment(name, size, fd, mm)

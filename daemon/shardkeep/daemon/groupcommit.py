@@ -1,0 +1,292 @@
+"""Erasure-coding one version of a job across the group (the data path of the group commit).
+
+For version (job, step) every node knows its own payload (its ranks' committed
+data, in rank order) and learns every other node's size from their
+``local-commit``.  Then, per DESIGN.md's stripe layout (``stripes.py``):
+
+1. each node sends chunk ``c`` of its payload to the encoder of the ``c``-th
+   stripe in which it is a data holder, in pieces over the data plane (zero-copy
+   from shared memory);
+2. the encoder of stripe ``s`` (node ``s``) gathers the ``k`` chunks in a staging
+   segment, encodes them in worker processes (``codec.CodecPool``), keeps parity
+   0, and ships parity ``1..m-1`` (and the fragment headers) to the other parity
+   holders;
+3. a node that holds all the parity it is due for the version tells every node
+   (``ack``); a version is group-committed on a node once it has every node's ack.
+
+This module holds no sockets: the caller passes ``send_data`` and ``broadcast``
+and feeds it the peer messages; it owns the staging and parity segments.
+Any one stripe is recoverable from any ``k`` of its ``k + m`` fragments with the
+headers kept here (``parity_of``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from shardkeep.proto.errors import ProtocolError, ShardkeepTimeoutError
+
+from .arena import Segment, create_segment
+from .codec import CodecPool, CodecSpec, substripes
+from .stripes import Placement, chunk_bounds
+
+log = logging.getLogger("shardkeep.groupcommit")
+
+PIECE = 4 << 20  # bytes per data-plane message
+
+
+@dataclass
+class _Version:
+    job: str
+    step: int
+    sizes: dict[int, int] = field(default_factory=dict)
+    views: list[memoryview] | None = None
+    sent: bool = False
+    staging: Segment | None = None
+    staged: dict[int, int] = field(default_factory=dict)
+    early: list[tuple[str, dict, bytes]] = field(default_factory=list)
+    encoded: bool = False
+    parity: Segment | None = None
+    layout: dict[int, tuple[int, int]] = field(default_factory=dict)   # stripe -> (offset, padded len)
+    parity_got: dict[int, int] = field(default_factory=dict)
+    headers: dict[int, bytes] = field(default_factory=dict)
+    stored: set[int] = field(default_factory=set)
+    acked: bool = False
+    acks: set[int] = field(default_factory=set)
+    committed: asyncio.Future | None = None
+    preparing: asyncio.Task | None = None
+    ready: bool = False          # segments exist: data pieces go straight to them
+
+
+class GroupCommit:
+    def __init__(self, node: int, placement: Placement, spec: CodecSpec, pool: CodecPool, prefix: str,
+                 send_data: Callable[..., Awaitable[Any]], broadcast: Callable[[str, dict], Awaitable[None]],
+                 executor: Any = None) -> None:
+        if spec.k != placement.k or spec.m != placement.m:
+            raise ValueError("codec spec and placement disagree on k and m")
+        self.node, self.p, self.spec, self.pool = node, placement, spec, pool
+        self.prefix, self.send_data, self.broadcast, self.executor = prefix, send_data, broadcast, executor
+        self.versions: dict[tuple[str, int], _Version] = {}
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node %d: group commit task failed: %r", self.node, task.exception(),
+                      exc_info=task.exception())
+
+    # --- geometry ------------------------------------------------------------------------
+
+    def _chunk(self, v: _Version, holder: int, s: int) -> tuple[int, int]:
+        return chunk_bounds(v.sizes[holder], self.p.k)[self.p.chunk_of(holder, s)]
+
+    def stripe_len(self, v: _Version, s: int) -> int:
+        return max((b - a for a, b in (self._chunk(v, h, s) for h in self.p.data_holders(s))), default=0)
+
+    def padded(self, v: _Version, s: int) -> int:
+        return substripes(self.stripe_len(v, s), self.spec.piece) * self.spec.piece
+
+    def _v(self, job: str, step: int) -> _Version:
+        v = self.versions.get((job, step))
+        if v is None:
+            v = self.versions[(job, step)] = _Version(job, step)
+            v.committed = asyncio.get_running_loop().create_future()
+        return v
+
+    # --- entry points ------------------------------------------------------------------------
+
+    async def start(self, job: str, step: int, views: list[memoryview]) -> _Version:
+        """This node's payload of (job, step) is committed locally: join the group commit."""
+        v = self._v(job, step)
+        v.views = views
+        v.sizes[self.node] = sum(len(x) for x in views)
+        await self.broadcast("local-commit", {"job": job, "step": step, "bytes": v.sizes[self.node]})
+        self._advance(v)
+        return v
+
+    async def wait(self, job: str, step: int, timeout: float) -> None:
+        v = self._v(job, step)
+        try:
+            await asyncio.wait_for(asyncio.shield(v.committed), timeout)
+        except asyncio.TimeoutError:
+            raise ShardkeepTimeoutError(
+                f"group commit of job {job!r} step {step} on node {self.node} did not finish in {timeout:.0f}s "
+                f"(sizes from {sorted(v.sizes)}, parity stored for stripes {sorted(v.stored)}, "
+                f"acks from {sorted(v.acks)}, staged {v.staged}, early {len(v.early)}, encoded {v.encoded})",
+                what="group-commit", after=timeout,
+            ) from None
+
+    def on_control(self, src: int, mtype: str, f: dict) -> None:
+        v = self._v(f["job"], f["step"])
+        if mtype == "local-commit":
+            if "bytes" not in f:
+                raise ProtocolError("local-commit without its payload size")
+            v.sizes[src] = f["bytes"]
+            self._advance(v)
+        elif mtype == "ack":
+            v.acks.add(src)
+            self._check_committed(v)
+
+    def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> None:
+        v = self._v(meta["job"], meta["step"])
+        if not self._ready(v):
+            v.early.append((kind, meta, bytes(payload)))  # sizes or segments not known yet
+            return
+        self._store(v, kind, meta, payload)
+
+    # --- the steps ------------------------------------------------------------------------------
+
+    def _ready(self, v: _Version) -> bool:
+        return v.ready
+
+    def _advance(self, v: _Version) -> None:
+        if len(v.sizes) < self.p.n or v.preparing is not None:
+            return
+        v.preparing = self._spawn(self._prepare(v))
+
+    async def _prepare(self, v: _Version) -> None:
+        """All sizes known: create staging and parity segments, then send our chunks."""
+        loop = asyncio.get_running_loop()
+        s_me = self.node  # the stripe this node encodes
+        L = self.stripe_len(v, s_me)
+        pad = self.padded(v, s_me)
+        tag = secrets.token_hex(3)
+        v.staging = await loop.run_in_executor(
+            self.executor, create_segment, f"{self.prefix}-stage-{v.job}-{v.step}-{tag}",
+            self.p.k * L + (self.p.m - 1) * pad)
+        off = 0
+        for s, _ in self.p.parity_stripes(self.node):
+            v.layout[s] = (off, self.padded(v, s))
+            off += self.padded(v, s)
+        v.parity = await loop.run_in_executor(
+            self.executor, create_segment, f"{self.prefix}-parity-{v.job}-{v.step}-{tag}", off)
+        v.ready = True
+        early, v.early = v.early, []
+        for kind, meta, payload in early:
+            self._store(v, kind, meta, memoryview(payload))
+        self._maybe_encode(v)
+        await self._send_chunks(v)
+
+    async def _send_chunks(self, v: _Version) -> None:
+        assert v.views is not None
+        for s in self.p.data_stripes(self.node):
+            a, b = self._chunk(v, self.node, s)
+            index = self.p.data_index(s, self.node)
+            for off in range(a, b, PIECE):
+                for piece_off, mv in _slices(v.views, off, min(off + PIECE, b)):
+                    await self.send_data(self.p.encoder(s), "chunk",
+                                         {"job": v.job, "step": v.step, "stripe": s, "index": index,
+                                          "offset": piece_off - a}, mv)
+        v.sent = True
+
+    def _store(self, v: _Version, kind: str, meta: dict, payload: memoryview) -> None:
+        s = meta["stripe"]
+        if kind == "chunk":
+            if s != self.node or v.staging is None:
+                raise ProtocolError(f"node {self.node} does not encode stripe {s}")
+            index, off = meta["index"], meta["offset"]
+            L = self.stripe_len(v, s)
+            if not (0 <= index < self.p.k and 0 <= off and off + len(payload) <= L):
+                raise ProtocolError(f"chunk piece out of range: index {index}, offset {off}, {len(payload)} bytes")
+            base = index * L + off
+            v.staging.mm[base : base + len(payload)] = payload
+            v.staged[index] = v.staged.get(index, 0) + len(payload)
+            self._maybe_encode(v)
+        elif kind == "parity":
+            if s not in v.layout or v.parity is None:
+                raise ProtocolError(f"node {self.node} holds no parity of stripe {s}")
+            if meta.get("headers"):
+                v.headers[s] = bytes(payload)
+            else:
+                base, pad = v.layout[s]
+                off = meta["offset"]
+                if not (0 <= off and off + len(payload) <= pad):
+                    raise ProtocolError("parity piece out of range")
+                v.parity.mm[base + off : base + off + len(payload)] = payload
+                v.parity_got[s] = v.parity_got.get(s, 0) + len(payload)
+            if v.parity_got.get(s, 0) == v.layout[s][1] and s in v.headers:
+                self._stored(v, s)
+
+    def _maybe_encode(self, v: _Version) -> None:
+        s = self.node
+        if v.encoded or v.staging is None:
+            return
+        need = [b - a for a, b in (self._chunk(v, h, s) for h in self.p.data_holders(s))]
+        if all(v.staged.get(i, 0) == n for i, n in enumerate(need)):
+            v.encoded = True
+            self._spawn(self._encode(v, need))
+
+    async def _encode(self, v: _Version, need: list[int]) -> None:
+        s = self.node
+        L, pad = self.stripe_len(v, s), self.padded(v, s)
+        st = v.staging
+        assert st is not None and v.parity is not None
+        base, _ = v.layout[s]
+        data = [[(st.name, i * L, n)] if n else [] for i, n in enumerate(need)]
+        out = [[(v.parity.name, base, pad)]] + [[(st.name, self.p.k * L + (j - 1) * pad, pad)]
+                                               for j in range(1, self.p.m)]
+        headers = await self.pool.encode(self.spec, data, L, out) if L else b""
+        v.headers[s] = headers
+        for j, holder in enumerate(self.p.parity_holders(s)[1:], start=1):
+            start = self.p.k * L + (j - 1) * pad
+            for off in range(0, pad, PIECE):
+                n = min(PIECE, pad - off)
+                # a copy: the staging segment goes away before ZeroMQ has necessarily sent it
+                await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": s, "offset": off},
+                                     bytes(st.mm[start + off : start + off + n]))
+            await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": s, "headers": True},
+                                 headers)
+        v.parity_got[s] = pad
+        st.destroy()
+        v.staging = None
+        self._stored(v, s)
+
+    def _stored(self, v: _Version, s: int) -> None:
+        v.stored.add(s)
+        if not v.acked and v.stored >= set(v.layout):
+            v.acked = True
+            v.acks.add(self.node)
+            self._spawn(self.broadcast("ack", {"job": v.job, "step": v.step}))
+            self._check_committed(v)
+
+    def _check_committed(self, v: _Version) -> None:
+        if len(v.acks) == self.p.n and v.committed is not None and not v.committed.done():
+            v.committed.set_result(True)
+            log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
+
+    # --- what a rebuild needs -------------------------------------------------------------------
+
+    def parity_of(self, job: str, step: int, s: int) -> tuple[str, int, int, bytes]:
+        """(segment name, offset, padded length, headers) of this node's parity of stripe ``s``."""
+        v = self.versions[(job, step)]
+        base, pad = v.layout[s]
+        assert v.parity is not None
+        return v.parity.name, base, pad, v.headers[s]
+
+    def release(self, job: str, step: int) -> None:
+        v = self.versions.pop((job, step), None)
+        if v is None:
+            return
+        for seg in (v.staging, v.parity):
+            if seg is not None:
+                seg.destroy()
+
+
+def _slices(views: list[memoryview], start: int, end: int):
+    """(offset, memoryview) pieces of the payload [start, end) across its extents."""
+    pos = 0
+    for mv in views:
+        n = len(mv)
+        a, b = max(start, pos), min(end, pos + n)
+        if a < b:
+            yield a, mv[a - pos : b - pos]
+        pos += n
+        if pos >= end:
+            return
