@@ -114,6 +114,7 @@ class _Pending:
     torn: bool = False                # a hook stopped waiting mid-copy: never commit this copy
     t0: float = field(default_factory=time.perf_counter)
     cuda_event: Any = None
+    group: bool = False               # the daemon group-commits this version in the background
 
 
 @dataclass
@@ -197,6 +198,8 @@ class Snapshotter:
         self._cuda_stream = None
         self._daemon_ok = True  # False after a failed request: hooks then never wait for one
         self._registering = False  # slots for a new layout are being made: hooks never wait for that
+        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wait_chan: Channel | None = None
         self._worker = threading.Thread(target=self._run, name=f"shardkeep-copy-{self.rank}", daemon=True)
         self._worker.start()
 
@@ -296,6 +299,9 @@ class Snapshotter:
         self._maps.clear()
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=True, cancel_futures=False)
+            self._wait_chan.close()
 
     def finish(self) -> None:
         """The run is over: free this job's memory on the daemon (every rank's versions)."""
@@ -398,7 +404,27 @@ class Snapshotter:
             else:
                 self.stats.skipped += 1
             self.stats.last_commit_s = time.perf_counter() - p.t0
-            p.future.set_result(result)
+            if p.group and self.durability == "group":
+                self._group_waiter().submit(self._await_group, p, result)
+            else:
+                p.future.set_result(result)
+
+    def _group_waiter(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._waiter is None:
+            self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkeep-group")
+            self._wait_chan = Channel(self.socket, timeout=DEFAULT_TIMEOUTS.group_commit + 15)
+        return self._waiter
+
+    def _await_group(self, p: _Pending, local: SnapshotResult) -> None:
+        """Resolve the future at group level, or at local level if the group cannot take it (never raise)."""
+        try:
+            r = self._wait_chan.request("wait", {"job": self.job, "step": p.step,
+                                                 "timeout": int(DEFAULT_TIMEOUTS.group_commit * 1000) + 5000})
+            level = "group" if r.fields.get("level") == "group" else "local"
+            reason = str(r.fields.get("reason", ""))
+        except ShardkeepError as exc:
+            level, reason = "local", f"group level unknown: {exc}"
+        p.future.set_result(SnapshotResult(p.step, "committed", level, reason))
 
     def _request(self, mtype: str, fields: dict, payload: list | None = None) -> wire.Message:
         reply = self._chan.request(mtype, fields, payload)
@@ -514,6 +540,7 @@ class Snapshotter:
         )
         if r.fields.get("status") != "committed":
             return SnapshotResult(p.step, "skipped", None, str(r.fields.get("reason", "")))
+        p.group = bool(r.fields.get("group")) and bool(r.fields.get("recorded"))
         return SnapshotResult(p.step, "committed", "local")
 
     def _copy(self, p, mapping: Mapping, data_offset, entries, dtypes, order, data_bytes, manifest) -> None:

@@ -54,6 +54,8 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats to peers (default: 1)")
     g.add_argument("--peer-timeout", type=float, default=5.0,
                    help="a peer silent this many seconds is down and the group degraded (default: 5)")
+    g.add_argument("--group-commit-timeout", type=float, default=30.0,
+                   help="seconds a version may take to reach group level before it stays local (default: 30)")
     g.add_argument("--encrypt-data", action="store_true",
                    help="send bulk data over CURVE too (slower) instead of plain frames with keyed BLAKE3 tags")
 
@@ -84,7 +86,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         curve_public_dir=args.curve_public_dir,
         insecure=args.insecure,
         encrypt_data=args.encrypt_data,
-        timeouts=Timeouts(heartbeat=args.heartbeat, peer_down=args.peer_timeout),
+        timeouts=Timeouts(heartbeat=args.heartbeat, peer_down=args.peer_timeout,
+                          group_commit=args.group_commit_timeout),
     )
     try:
         cfg.validate()

@@ -17,8 +17,10 @@ import logging
 import time
 from typing import Any, Callable
 
-from shardkeep.proto.errors import PermissionDeniedError, ProtocolError
+from shardkeep.proto.errors import PermissionDeniedError, ProtocolError, ShardkeepError
 
+from .codec import CodecPool, make_spec
+from .groupcommit import GroupCommit
 from .membership import Membership
 from .peerlink import (
     ControlClient,
@@ -64,9 +66,38 @@ class Group:
         self._tasks: list[asyncio.Task] = []
         self.started = time.monotonic()
         self.hello_errors: dict[int, str] = {}
+        self.codec_pool: CodecPool | None = None
+        self.gc: GroupCommit | None = None
         self._beats: dict[int, tuple[ControlClient, asyncio.Task]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
+
+    async def setup_codec(self, loop: asyncio.AbstractEventLoop, executor: Any) -> None:
+        """Codec workers and the group-commit data path (the spec probe runs off the event loop)."""
+        spec = await loop.run_in_executor(executor, make_spec, self.placement.k, self.placement.m, self.codec)
+        self.codec_pool = CodecPool(workers=2)
+        self.gc = GroupCommit(self.node, self.placement, spec, self.codec_pool, f"{self.cfg.shm_prefix}-g",
+                              self._send_data, self._broadcast, executor)
+
+    async def _send_data(self, dst: int, kind: str, meta: dict, payload: Any) -> None:
+        assert self.data is not None
+        await self.data.send(dst, kind, meta, payload, timeout=self.cfg.timeouts.rebuild_chunk)
+
+    async def _broadcast(self, mtype: str, fields: dict) -> None:
+        async def one(j: int, c: ControlClient) -> None:
+            try:
+                await c.send(mtype, {**fields, "gen": self.membership.gen}, timeout=self.cfg.timeouts.heartbeat * 2)
+            except ShardkeepError as exc:
+                log.warning("node %d: %s to node %d not sent: %s", self.node, mtype, j, exc)
+
+        await asyncio.gather(*(one(j, c) for j, c in list(self.clients.items())))
+
+    def _on_data(self, msg: Any) -> None:
+        if self.gc is not None:
+            try:
+                self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
+            except ShardkeepError as exc:
+                log.warning("node %d: data from node %d refused: %s", self.node, msg.src, exc)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -76,7 +107,7 @@ class Group:
         _, bind_host, _ = split_address(bound)
         host = cfg.advertise or bind_host
         self.control_endpoint = _with_host(bound, host)
-        self.data = DataPlane(self.pctx, bind_host, cfg.data_port)
+        self.data = DataPlane(self.pctx, bind_host, cfg.data_port, on_message=self._on_data)
         self.data_endpoint = _with_host(await self.data.start(), host)
         for j, rec in self.membership.peers.items():
             self.clients[j] = ControlClient(self.pctx, j, rec.control, timeout=cfg.timeouts.client_request).connect()
@@ -100,6 +131,11 @@ class Group:
                 await asyncio.wait_for(aw, timeout)
             except (asyncio.TimeoutError, Exception) as exc:
                 log.warning("closing %s: %r", what, exc)
+        if self.gc is not None:
+            for key in list(self.gc.versions):
+                self.gc.release(*key)
+        if self.codec_pool is not None:
+            self.codec_pool.close()
         if self.pctx:
             try:
                 await asyncio.wait_for(self.pctx.close(), timeout)
@@ -213,6 +249,9 @@ class Group:
             raise PermissionDeniedError(f"node {msg.src} generation {gen} was replaced by {rec.gen}: stand down",
                                         stand_down=True)
         if msg.type == "heartbeat":
+            return None
+        if msg.type in ("local-commit", "ack") and self.gc is not None:
+            self.gc.on_control(msg.src, msg.type, msg.fields)
             return None
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 

@@ -48,6 +48,7 @@ class JobState:
     ranks: dict[int, RankState] = field(default_factory=dict)
     history: int = 1
     recorded: list[int] = field(default_factory=list)   # steps, ascending, current history
+    group_recorded: list[int] = field(default_factory=list)  # steps whose parity the whole group holds
     aborted: OrderedDict = field(default_factory=OrderedDict)
     commits: int = 0
     skips: int = 0
@@ -100,6 +101,9 @@ class JobState:
     # --- versions ----------------------------------------------------------------
 
     def protected_step(self) -> int | None:
+        """The version whose slot is never reused: the newest group-level one, else the newest local one."""
+        if self.group_recorded:
+            return self.group_recorded[-1]
         return self.recorded[-1] if self.recorded else None
 
     def newest_held(self, rank: int) -> int:
@@ -122,6 +126,7 @@ class JobState:
                     s.mark_free()
                     n += 1
         self.recorded = [v for v in self.recorded if keep(v)]
+        self.group_recorded = [v for v in self.group_recorded if keep(v)]
         return n
 
     def start_history(self, reason: str, keep=lambda step: False) -> None:
@@ -138,6 +143,7 @@ class JobState:
             self.aborted.popitem(last=False)
         self.skips += 1
         self.recorded = [v for v in self.recorded if v != step]
+        self.group_recorded = [v for v in self.group_recorded if v != step]
         for rs in self.ranks.values():
             for s in rs.slots:
                 if s.step == step and s.state == STATE_COMMITTED:
@@ -231,6 +237,7 @@ class JobState:
             "local_world_size": self.local_world_size,
             "history": self.history,
             "restorable": self.restorable(),
+            "group_committed": list(reversed(self.group_recorded)),
             "newest": (self.restorable() or [None])[0],
             "commits": self.commits,
             "skips": self.skips,

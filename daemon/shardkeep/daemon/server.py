@@ -62,6 +62,7 @@ class Daemon:
         self.faults = fault_plan()
         self.group = None
         self.fenced = ""
+        self._group_waiters: dict[tuple[str, int], asyncio.Future] = {}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -170,8 +171,10 @@ class Daemon:
             from .codec import pick_ec_type
             from .group import Group
 
-            codec = await asyncio.get_running_loop().run_in_executor(self._pool, pick_ec_type)
+            loop = asyncio.get_running_loop()
+            codec = await loop.run_in_executor(self._pool, pick_ec_type)
             self.group = Group(self.cfg, self.instance, codec, self._fenced)
+            await self.group.setup_codec(loop, self._pool)
             await self.group.start()
         sock = self._bind()
         loop = asyncio.get_running_loop()
@@ -250,7 +253,7 @@ class Daemon:
                 log.warning("rejected message: %s", err)
                 await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
                 continue
-            if msg.type == "register":
+            if msg.type in ("register", "wait"):
                 asyncio.create_task(self._reply_async(sock, envelope, msg))
             else:
                 reply = self._handle_sync(msg)
@@ -258,7 +261,7 @@ class Daemon:
 
     async def _reply_async(self, sock, envelope, msg: wire.Message) -> None:
         try:
-            fields = await self.h_register(msg.fields)
+            fields = await (self.h_register if msg.type == "register" else self.h_wait)(msg.fields)
             reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance})
         except ShardkeepError as exc:
             reply = self._error(msg, exc)
@@ -336,6 +339,24 @@ class Daemon:
                 "slots": [dict(s.describe(), usable=rs.usable(s)) for s in rs.slots],
             }
 
+    async def h_wait(self, f: dict[str, Any]) -> dict[str, Any]:
+        """Until (job, step) is group-committed, or cannot be: the level it reached."""
+        job = self._job(f["job"])
+        step = f["step"]
+        if self.group is None:
+            return {"level": "local", "reason": "this daemon has no group"}
+        if step in job.group_recorded:
+            return {"level": "group"}
+        fut = self._group_waiters.get((job.job, step))
+        if fut is None:
+            return {"level": "local", "reason": f"step {step} is not being group-committed"}
+        timeout = min(f.get("timeout", 600_000) / 1000, self.cfg.timeouts.group_commit + 5)
+        try:
+            level, why = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            return {"level": "local", "reason": f"group commit still running after {timeout:.0f}s"}
+        return {"level": level, "reason": why}
+
     def h_begin(self, f, payload):
         job = self._job(f["job"])
         slot, why = job.begin(f["rank"], f["session"], f["step"])
@@ -377,7 +398,43 @@ class Daemon:
                 s.destroy()
         if slot.state != STATE_COMMITTED:
             return {"status": "skipped", "reason": job.aborted.get(step, "aborted")}
-        return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history}
+        if recorded and self.group is not None:
+            self._group_commit(job, step)
+        return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history,
+                "group": self.group is not None}
+
+    def _group_commit(self, job: JobState, step: int) -> None:
+        """Erasure-code this node's part of (job, step) across the group, in the background."""
+        slots = [job.find(r, step) for r in job.local_ranks()]
+        views = [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + s.manifest.data_bytes]
+                 for s in slots]
+        token = f"group-{step}"
+        limit = self.cfg.timeouts.group_commit
+        for s in slots:  # the data must stay whole while it is being sent
+            s.pins[token] = time.monotonic() + limit + 60
+        waiter = self._group_waiters.setdefault((job.job, step), asyncio.get_running_loop().create_future())
+
+        async def run() -> None:
+            ok, why = False, ""
+            try:
+                await self.group.gc.start(job.job, step, views)
+                await self.group.gc.wait(job.job, step, limit)
+                ok = True
+            except Exception as exc:  # degraded or timed out: the version stays at local level
+                why = str(exc)
+                log.warning("job %s step %d stays at local level: %s", job.job, step, exc)
+            finally:
+                for s in slots:
+                    s.pins.pop(token, None)
+            if ok and self.jobs.get(job.job) is job and any(s.step == step for s in slots):
+                job.group_recorded = (job.group_recorded + [step])[-16:]
+                for old in [k for k in self.group.gc.versions if k[0] == job.job and k[1] < step]:
+                    self.group.gc.release(*old)  # parity of older versions: the new one replaces it
+            if not waiter.done():
+                waiter.set_result(("group", "") if ok else ("local", why))
+            asyncio.get_running_loop().call_later(60, self._group_waiters.pop, (job.job, step), None)
+
+        asyncio.get_running_loop().create_task(run())
 
     def h_abort(self, f, payload):
         job = self._job(f["job"])

@@ -51,6 +51,7 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "resume": ({"job": _job, "rank": RANK, "step": STEP}, {}, 0),
     "finish": ({"job": _job}, {}, 0),
     "status": ({}, {"job": _job}, 0),
+    "wait": ({"job": _job, "step": STEP}, {"timeout": _int(1, 3_600_000)}, 0),
     "ping": ({}, {}, 0),
 }
 

@@ -1,0 +1,58 @@
+"""A group of real daemons erasure-codes every snapshot; futures resolve at group level."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardkeep.client import Snapshotter
+from test_group_membership import all_up, free_ports, peers_arg, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(make_daemon, job_id):
+    n = 3
+    ports = free_ports(n)
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), "--parity", "1", "--insecure",
+                       "--peer-timeout", "3", "--group-commit-timeout", "4"]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(200_000 + 1000 * i, generator=g), "step": 0} for i in range(n)]
+    try:
+        for step in range(4):
+            futs = []
+            for i, (snap, st) in enumerate(zip(snaps, states)):
+                st["w"].add_(1.0)
+                st["step"] = step
+                futs.append(snap.snapshot(st, step))
+            results = [f.result(timeout=60) for f in futs]
+            assert [(r.status, r.level) for r in results] == [("committed", "group")] * n, results
+        for d in ds:
+            job = d.job_status(job_id)
+            assert job["group_committed"][0] == 3
+            # parity of the newest version only: older versions' parity is released
+            parity = sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))
+            assert len(parity) == 1, parity
+        # a node goes away: snapshots go on, and settle at local level
+        ds[2].kill()
+        futs = []
+        for snap, st in zip(snaps[:2], states[:2]):
+            futs.append(snap.snapshot(st, 4))
+        results = [f.result(timeout=60) for f in futs]
+        assert [(r.status, r.level) for r in results] == [("committed", "local")] * 2, results
+        assert all("did not finish" in r.reason for r in results), results
+        assert ds[0].job_status(job_id)["group_committed"][0] == 3
+        assert ds[0].job_status(job_id)["restorable"][0] == 4
+        wait_until(lambda: ds[0].status()["group"]["degraded"], what="degraded")
+        # the last group-level version's slot is kept while the group is degraded
+        slots = ds[0].job_status(job_id)["ranks"]["0"]["slots"]
+        assert {s["step"] for s in slots if s["state"] == "committed"} == {3, 4}, slots
+    finally:
+        for s in snaps:
+            s.close()
