@@ -53,6 +53,10 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
         # the last group-level version's slot is kept while the group is degraded
         slots = ds[0].job_status(job_id)["ranks"]["0"]["slots"]
         assert {s["step"] for s in slots if s["state"] == "committed"} == {3, 4}, slots
+        # the abandoned group commit of step 4 left no staging or parity behind; step 3's parity stays
+        for d in ds[:2]:
+            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-stage-*"))) == 0
+            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))) == 1
     finally:
         for s in snaps:
             s.close()

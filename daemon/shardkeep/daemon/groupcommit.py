@@ -23,6 +23,7 @@ headers kept here (``parity_of``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class GroupCommit:
         self.node, self.p, self.spec, self.pool = node, placement, spec, pool
         self.prefix, self.send_data, self.broadcast, self.executor = prefix, send_data, broadcast, executor
         self.versions: dict[tuple[str, int], _Version] = {}
+        self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step): late messages dropped
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -124,6 +126,8 @@ class GroupCommit:
             ) from None
 
     def on_control(self, src: int, mtype: str, f: dict) -> None:
+        if (f["job"], f["step"]) in self.abandoned:
+            return
         v = self._v(f["job"], f["step"])
         if mtype == "local-commit":
             if "bytes" not in f:
@@ -135,6 +139,8 @@ class GroupCommit:
             self._check_committed(v)
 
     def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> None:
+        if (meta.get("job"), meta.get("step")) in self.abandoned:
+            return
         v = self._v(meta["job"], meta["step"])
         if not self._ready(v):
             v.early.append((kind, meta, bytes(payload)))  # sizes or segments not known yet
@@ -274,9 +280,18 @@ class GroupCommit:
         v = self.versions.pop((job, step), None)
         if v is None:
             return
+        if v.preparing is not None and not v.preparing.done():
+            v.preparing.cancel()
         for seg in (v.staging, v.parity):
             if seg is not None:
                 seg.destroy()
+
+    def abandon(self, job: str, step: int) -> None:
+        """Give up on (job, step): free its segments and ignore what still arrives for it."""
+        self.release(job, step)
+        self.abandoned[(job, step)] = True
+        while len(self.abandoned) > 4096:
+            self.abandoned.popitem(last=False)
 
 
 def _slices(views: list[memoryview], start: int, end: int):

@@ -423,6 +423,7 @@ class Daemon:
             except Exception as exc:  # degraded or timed out: the version stays at local level
                 why = str(exc)
                 log.warning("job %s step %d stays at local level: %s", job.job, step, exc)
+                self.group.gc.abandon(job.job, step)
             finally:
                 for s in slots:
                     s.pins.pop(token, None)
@@ -499,6 +500,9 @@ class Daemon:
         return {"freed_slots": self._drop_job(self._job(f["job"]), "finished")}
 
     def _drop_job(self, job: JobState, why: str) -> int:
+        if self.group is not None and self.group.gc is not None:
+            for key in [k for k in self.group.gc.versions if k[0] == job.job]:
+                self.group.gc.release(*key)
         slots = job.all_slots()
         freed = sum(s.size for s in slots)
         for s in slots:
