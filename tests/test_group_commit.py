@@ -39,6 +39,9 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
             # parity of the newest version only: older versions' parity is released
             parity = sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))
             assert len(parity) == 1, parity
+            (v,) = [v for v in d.status()["group"]["versions"] if v["job"] == job_id]
+            assert v["step"] == 3 and v["group_committed"] and v["acks_from"] == [0, 1, 2]
+            assert v["manifests_from"] == [0, 1, 2]  # every node can recreate any node's slots
         # a node goes away: snapshots go on, and settle at local level
         ds[2].kill()
         futs = []

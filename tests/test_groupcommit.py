@@ -44,14 +44,14 @@ class Node:
         self.data_ep = await self.data.start()
 
     def on_control(self, msg) -> None:
-        self.gc.on_control(msg.src, msg.type, msg.fields)
+        self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
 
     def on_data(self, msg) -> None:
         self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
 
-    async def broadcast(self, mtype: str, fields: dict) -> None:
+    async def broadcast(self, mtype: str, fields: dict, payload: list | None = None) -> None:
         for c in self.clients.values():
-            await c.send(mtype, fields, timeout=10)
+            await c.send(mtype, fields, payload, timeout=10)
 
     async def send_data(self, dst: int, kind: str, meta: dict, payload) -> None:
         await self.data.send(dst, kind, meta, payload, timeout=30)
@@ -105,8 +105,11 @@ async def run_group(n: int, m: int, sizes: list[int], prefix: str, pool: CodecPo
         nd.gc = GroupCommit(nd.i, p, spec, pool, f"{prefix}-n{nd.i}", nd.send_data, nd.broadcast)
     payloads = [secrets.token_bytes(sz) for sz in sizes]
     views = [nd.payload(prefix, sizes[nd.i], payloads[nd.i]) for nd in nodes]
-    await asyncio.gather(*(nd.gc.start("job", 7, views[nd.i]) for nd in nodes))
+    manifests = [f"manifests of node {i}".encode() * (i + 1) for i in range(n)]
+    await asyncio.gather(*(nd.gc.start("job", 7, views[nd.i], manifests[nd.i]) for nd in nodes))
     await asyncio.gather(*(nd.gc.wait("job", 7, timeout=60) for nd in nodes))
+    for nd in nodes:  # every node holds every node's manifests (what a rebuild starts from)
+        assert nd.gc.manifests_of("job", 7) == dict(enumerate(manifests))
     return p, spec, nodes, payloads
 
 

@@ -83,10 +83,11 @@ class Group:
         assert self.data is not None
         await self.data.send(dst, kind, meta, payload, timeout=self.cfg.timeouts.rebuild_chunk)
 
-    async def _broadcast(self, mtype: str, fields: dict) -> None:
+    async def _broadcast(self, mtype: str, fields: dict, payload: list | None = None) -> None:
         async def one(j: int, c: ControlClient) -> None:
             try:
-                await c.send(mtype, {**fields, "gen": self.membership.gen}, timeout=self.cfg.timeouts.heartbeat * 2)
+                await c.send(mtype, {**fields, "gen": self.membership.gen}, payload,
+                             timeout=self.cfg.timeouts.heartbeat * 2)
             except ShardkeepError as exc:
                 log.warning("node %d: %s to node %d not sent: %s", self.node, mtype, j, exc)
 
@@ -251,7 +252,7 @@ class Group:
         if msg.type == "heartbeat":
             return None
         if msg.type in ("local-commit", "ack") and self.gc is not None:
-            self.gc.on_control(msg.src, msg.type, msg.fields)
+            self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
             return None
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
@@ -314,4 +315,10 @@ class Group:
             "control_messages": {"received": self.server.received if self.server else 0,
                                  "rejected": self.server.rejected if self.server else 0},
             "client_states": {str(j): c.state for j, c in self.clients.items()},
+            "versions": [
+                {"job": job, "step": step, "sizes_from": sorted(v.sizes), "manifests_from": sorted(v.manifests),
+                 "parity_stripes": sorted(v.stored), "acks_from": sorted(v.acks),
+                 "group_committed": bool(v.committed and v.committed.done())}
+                for (job, step), v in sorted(self.gc.versions.items())
+            ] if self.gc is not None else [],
         }

@@ -45,6 +45,7 @@ class _Version:
     job: str
     step: int
     sizes: dict[int, int] = field(default_factory=dict)
+    manifests: dict[int, bytes] = field(default_factory=dict)  # node -> its ranks' manifests (opaque here)
     views: list[memoryview] | None = None
     sent: bool = False
     staging: Segment | None = None
@@ -65,7 +66,7 @@ class _Version:
 
 class GroupCommit:
     def __init__(self, node: int, placement: Placement, spec: CodecSpec, pool: CodecPool, prefix: str,
-                 send_data: Callable[..., Awaitable[Any]], broadcast: Callable[[str, dict], Awaitable[None]],
+                 send_data: Callable[..., Awaitable[Any]], broadcast: Callable[..., Awaitable[None]],
                  executor: Any = None) -> None:
         if spec.k != placement.k or spec.m != placement.m:
             raise ValueError("codec spec and placement disagree on k and m")
@@ -104,12 +105,17 @@ class GroupCommit:
 
     # --- entry points ------------------------------------------------------------------------
 
-    async def start(self, job: str, step: int, views: list[memoryview]) -> _Version:
-        """This node's payload of (job, step) is committed locally: join the group commit."""
+    async def start(self, job: str, step: int, views: list[memoryview], manifests: bytes = b"") -> _Version:
+        """This node's payload of (job, step) is committed locally: join the group commit.
+
+        ``manifests`` (this node's ranks' manifests) go to every node, so that a
+        rebuild of this node can recreate its slots from any survivor.
+        """
         v = self._v(job, step)
         v.views = views
         v.sizes[self.node] = sum(len(x) for x in views)
-        await self.broadcast("local-commit", {"job": job, "step": step, "bytes": v.sizes[self.node]})
+        v.manifests[self.node] = manifests
+        await self.broadcast("local-commit", {"job": job, "step": step, "bytes": v.sizes[self.node]}, [manifests])
         self._advance(v)
         return v
 
@@ -125,7 +131,7 @@ class GroupCommit:
                 what="group-commit", after=timeout,
             ) from None
 
-    def on_control(self, src: int, mtype: str, f: dict) -> None:
+    def on_control(self, src: int, mtype: str, f: dict, payload: list | None = None) -> None:
         if (f["job"], f["step"]) in self.abandoned:
             return
         v = self._v(f["job"], f["step"])
@@ -133,6 +139,8 @@ class GroupCommit:
             if "bytes" not in f:
                 raise ProtocolError("local-commit without its payload size")
             v.sizes[src] = f["bytes"]
+            if payload:
+                v.manifests[src] = bytes(payload[0])
             self._advance(v)
         elif mtype == "ack":
             v.acks.add(src)
@@ -268,6 +276,10 @@ class GroupCommit:
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
 
     # --- what a rebuild needs -------------------------------------------------------------------
+
+    def manifests_of(self, job: str, step: int) -> dict[int, bytes]:
+        """Every node's manifests of (job, step), as each sent them with its local-commit."""
+        return dict(self.versions[(job, step)].manifests)
 
     def parity_of(self, job: str, step: int, s: int) -> tuple[str, int, int, bytes]:
         """(segment name, offset, padded length, headers) of this node's parity of stripe ``s``."""

@@ -161,8 +161,9 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     ),
     "heartbeat": ({"gen": GEN}, {"degraded": _bool, "time": _float}, 0),
     # group commit
+    # payload: the sender's manifests of the version (msgpack {rank: manifest bytes}), kept by every node
     "local-commit": ({"job": _job, "step": STEP},
-                     {"history": HISTORY, "ranks": _list(RANK, 1 << 16), "bytes": SIZE}, 0),
+                     {"history": HISTORY, "ranks": _list(RANK, 1 << 16), "bytes": SIZE}, 1),
     "skip": ({"job": _job, "step": STEP}, {"history": HISTORY, "ranks": _list(RANK, 1 << 16), "reason": REASON}, 0),
     "chunk": ({"job": _job, "step": STEP, "stripe": NODE},
               {"history": HISTORY, "offset": SIZE, "length": SIZE, "total": SIZE, "last": _bool}, 1),

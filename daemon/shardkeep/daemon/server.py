@@ -19,6 +19,7 @@ import stat
 import time
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -408,6 +409,9 @@ class Daemon:
         slots = [job.find(r, step) for r in job.local_ranks()]
         views = [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + s.manifest.data_bytes]
                  for s in slots]
+        manifests = msgpack.packb({
+            s.header.rank: bytes(s.mm[s.header.manifest_offset : s.header.manifest_offset + s.header.manifest_len])
+            for s in slots}, use_bin_type=True)
         token = f"group-{step}"
         limit = self.cfg.timeouts.group_commit
         for s in slots:  # the data must stay whole while it is being sent
@@ -417,7 +421,7 @@ class Daemon:
         async def run() -> None:
             ok, why = False, ""
             try:
-                await self.group.gc.start(job.job, step, views)
+                await self.group.gc.start(job.job, step, views, manifests)
                 await self.group.gc.wait(job.job, step, limit)
                 ok = True
             except Exception as exc:  # degraded or timed out: the version stays at local level
