@@ -130,6 +130,22 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    from shardkeep.proto.transport import Channel
+
+    print("rebuilding this node's data and parity from the survivors ...", flush=True)
+    try:
+        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request("recover")
+    except ShardkeepError as exc:
+        print(f"shardkeep recover: {exc}", file=sys.stderr)
+        return 1
+    for v in reply.fields.get("versions", []):
+        print(f"job {v['job']} step {v['step']}: ranks {v['ranks']}, {v['bytes']} bytes rebuilt and verified, "
+              f"parity of stripes {v['parity_stripes']} re-encoded")
+    print(f"recovered {len(reply.fields.get('versions', []))} versions in {reply.fields.get('seconds')} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -159,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default: 10)")
     p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("recover", help="rebuild a replacement node's data and parity from its group")
+    p.add_argument("--socket", default=None,
+                   help="the replacement daemon's socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the rebuild (default: 3600)")
+    p.set_defaults(func=cmd_recover)
 
     from . import keys
 

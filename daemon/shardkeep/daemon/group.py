@@ -254,6 +254,10 @@ class Group:
         if msg.type in ("local-commit", "ack") and self.gc is not None:
             self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
             return None
+        if msg.type == "inventory" and self.gc is not None:
+            return {"versions": self.gc.inventory()}
+        if msg.type == "fetch" and self.gc is not None:
+            return self.gc.serve_fetch(msg.fields)
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
     async def _on_hello(self, msg: PeerMessage) -> dict:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+
+import msgpack
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -276,6 +278,47 @@ class GroupCommit:
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
 
     # --- what a rebuild needs -------------------------------------------------------------------
+
+    def inventory(self) -> list[list]:
+        return [[job, step] for (job, step), v in sorted(self.versions.items())
+                if v.committed is not None and v.committed.done()]
+
+    def serve_fetch(self, f: dict) -> tuple[dict, list]:
+        """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity."""
+        key = (f["job"], f["step"])
+        v = self.versions.get(key)
+        if v is None or v.committed is None or not v.committed.done():
+            raise ProtocolError(f"node {self.node} holds no group-level version {key}")
+        what = f.get("what", "manifest")
+        if what == "manifest":
+            return {"sizes": {str(k): n for k, n in v.sizes.items()}}, [msgpack.packb(
+                {"manifests": v.manifests, "headers": v.headers}, use_bin_type=True)]
+        s, off, n = f.get("stripe", 0), f.get("offset", 0), f.get("length", 0)
+        if n > PIECE * 4:
+            raise ProtocolError(f"fetch of {n} bytes: at most {PIECE * 4} per request")
+        if what == "data":
+            a, b = self._chunk(v, self.node, s)
+            if s not in self.p.data_stripes(self.node) or off + n > b - a:
+                raise ProtocolError(f"node {self.node} has no data bytes {off}+{n} of stripe {s}")
+            assert v.views is not None
+            return {}, [b"".join(bytes(mv) for _, mv in _slices(v.views, a + off, a + off + n))]
+        if s not in v.layout or v.parity is None:
+            raise ProtocolError(f"node {self.node} holds no parity of stripe {s}")
+        base, pad = v.layout[s]
+        if off + n > pad:
+            raise ProtocolError("parity fetch out of range")
+        return {}, [bytes(v.parity.mm[base + off : base + off + n])]
+
+    def adopt_rebuilt(self, job: str, step: int, sizes: dict[int, int], manifests: dict[int, bytes],
+                      views: list[memoryview], parity: Segment, layout: dict[int, tuple[int, int]],
+                      headers: dict[int, bytes]) -> None:
+        """A rebuilt node takes its place in (job, step) as if it had been there."""
+        v = self._v(job, step)
+        v.sizes, v.manifests, v.views = dict(sizes), dict(manifests), views
+        v.parity, v.layout, v.headers = parity, dict(layout), dict(headers)
+        v.stored, v.acks, v.acked, v.ready, v.encoded, v.sent = set(layout), set(range(self.p.n)), True, True, True, True
+        if v.committed is not None and not v.committed.done():
+            v.committed.set_result(True)
 
     def manifests_of(self, job: str, step: int) -> dict[int, bytes]:
         """Every node's manifests of (job, step), as each sent them with its local-commit."""

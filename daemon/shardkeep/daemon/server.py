@@ -254,7 +254,7 @@ class Daemon:
                 log.warning("rejected message: %s", err)
                 await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
                 continue
-            if msg.type in ("register", "wait"):
+            if msg.type in ("register", "wait", "recover"):
                 asyncio.create_task(self._reply_async(sock, envelope, msg))
             else:
                 reply = self._handle_sync(msg)
@@ -262,7 +262,8 @@ class Daemon:
 
     async def _reply_async(self, sock, envelope, msg: wire.Message) -> None:
         try:
-            fields = await (self.h_register if msg.type == "register" else self.h_wait)(msg.fields)
+            handler = {"register": self.h_register, "wait": self.h_wait, "recover": self.h_recover}[msg.type]
+            fields = await handler(msg.fields)
             reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance})
         except ShardkeepError as exc:
             reply = self._error(msg, exc)
@@ -339,6 +340,11 @@ class Daemon:
                 "history": job.history,
                 "slots": [dict(s.describe(), usable=rs.usable(s)) for s in rs.slots],
             }
+
+    async def h_recover(self, f: dict[str, Any]) -> dict[str, Any]:
+        from .recover import rebuild
+
+        return await rebuild(self)
 
     async def h_wait(self, f: dict[str, Any]) -> dict[str, Any]:
         """Until (job, step) is group-committed, or cannot be: the level it reached."""

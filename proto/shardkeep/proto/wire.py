@@ -52,6 +52,7 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "finish": ({"job": _job}, {}, 0),
     "status": ({}, {"job": _job}, 0),
     "wait": ({"job": _job, "step": STEP}, {"timeout": _int(1, 3_600_000)}, 0),
+    "recover": ({}, {}, 0),
     "ping": ({}, {}, 0),
 }
 

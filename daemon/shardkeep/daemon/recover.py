@@ -1,0 +1,233 @@
+"""Rebuild a replacement node from its group: its slots from the survivors' data and parity, its parity too.
+
+Run by the replacement daemon (``shardkeep recover`` sends it the ``recover``
+request).  For each version its peers hold at group level: fetch every node's
+manifests and sizes, recreate this node's slots from its own manifests, and for
+each stripe in which this node holds data, fetch ``k`` surviving fragments
+(the other data holders' chunks and parity) and reconstruct this node's chunk
+straight into its slots; for each stripe in which it holds parity, fetch the
+``k`` data chunks and re-encode.  Every rebuilt slot is verified against its
+manifest's checksums before it is offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgpack
+
+from shardkeep.proto.errors import IntegrityError, ShardkeepError, UnavailableError
+from shardkeep.proto.manifest import Manifest
+
+from .arena import Segment, create_segment, create_slot, verify_slot
+from .jobs import JobState
+from .stripes import chunk_bounds
+
+log = logging.getLogger("shardkeep.recover")
+
+FETCH = 8 << 20
+
+
+async def rebuild(daemon: Any) -> dict:
+    group = daemon.group
+    if group is None or group.gc is None:
+        raise UnavailableError("this daemon has no group to recover from")
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    live = [j for j, c in group.clients.items() if group.peer_up(j)]
+    held: dict[tuple[str, int], list[int]] = {}
+    for j in live:
+        try:
+            r = await group.clients[j].request("inventory", {}, timeout=10)
+        except ShardkeepError as exc:
+            log.warning("inventory of node %d failed: %s", j, exc)
+            continue
+        for job, step in r.fields.get("versions", []):
+            held.setdefault((job, step), []).append(j)
+    newest: dict[str, int] = {}
+    for job, step in held:
+        newest[job] = max(step, newest.get(job, -1))
+    done = []
+    for job, step in sorted(newest.items()):
+        # only the nodes that hold this version can serve it (another replacement may be up, but empty)
+        done.append(await _rebuild_version(daemon, job, step, sorted(held[(job, step)]), loop))
+    return {"versions": done, "seconds": round(time.monotonic() - t0, 3)}
+
+
+async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: memoryview) -> None:
+    """Fill ``dst`` with ``length`` bytes fetched in pieces from the first source that answers."""
+    last: Exception | None = None
+    for j in sources:
+        try:
+            for off in range(0, length, FETCH):
+                n = min(FETCH, length - off)
+                r = await group.clients[j].request("fetch", {**fields, "offset": off, "length": n},
+                                                   timeout=group.cfg.timeouts.rebuild_chunk)
+                data = r.payload[0].bytes if hasattr(r.payload[0], "bytes") else bytes(r.payload[0])
+                if len(data) != n:
+                    raise IntegrityError(f"node {j} sent {len(data)} bytes for {n}")
+                dst[off : off + n] = data
+            return
+        except ShardkeepError as exc:
+            last = exc
+            log.warning("fetch %s from node %d failed: %s", fields, j, exc)
+    raise UnavailableError(f"no survivor could send {fields}: {last}")
+
+
+async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], loop) -> dict:
+    group = daemon.group
+    gc, p, me, k, m = group.gc, group.placement, group.node, group.placement.k, group.placement.m
+    spec = gc.spec
+    info = None
+    for j in live:
+        try:
+            info = await group.clients[j].request("fetch", {"job": job, "step": step, "what": "manifest"},
+                                                  timeout=30)
+            break
+        except ShardkeepError as exc:
+            log.warning("manifests of %s step %d from node %d: %s", job, step, j, exc)
+    if info is None:
+        raise UnavailableError(f"no survivor holds job {job!r} step {step} at group level")
+    sizes = {int(a): b for a, b in info.fields["sizes"].items()}
+    body = msgpack.unpackb(info.payload[0].bytes, raw=False, strict_map_key=False)
+    manifests = {int(a): b for a, b in body["manifests"].items()}
+    headers_any = {int(a): b for a, b in body["headers"].items()}
+    mine = msgpack.unpackb(manifests[me], raw=False, strict_map_key=False)
+    # 1. this node's slots, from its own manifests
+    if job in daemon.jobs:
+        raise UnavailableError(f"job {job!r} already exists on this node; recover runs on an empty replacement")
+    slots, decoded = [], {}
+    for rank in sorted(int(r) for r in mine):
+        raw = mine[rank] if rank in mine else mine[str(rank)]
+        mf = Manifest.decode(raw, 1 << 62)
+        decoded[rank] = (mf, raw)
+        slot = await loop.run_in_executor(daemon._pool, create_slot, daemon._next_slot_id(), daemon.cfg.shm_prefix,
+                                          job, rank, mf.data_bytes, int(len(raw) * 1.25) + (64 << 10))
+        slots.append(slot)
+    first = next(iter(decoded.values()))[0]
+    jobstate = JobState(job, first.world_size, first.local_world_size, history=first.history)
+    views = [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + decoded[r][0].data_bytes]
+             for s, r in zip(slots, sorted(decoded))]
+    assert sum(len(v) for v in views) == sizes[me], "manifests and payload size disagree"
+
+    def extents(a: int, b: int) -> list[tuple[str, int, int]]:
+        out, pos = [], 0
+        for s, v in zip(slots, views):
+            lo, hi = max(a, pos), min(b, pos + len(v))
+            if lo < hi:
+                out.append((s.name, s.header.data_offset + lo - pos, hi - lo))
+            pos += len(v)
+        return out
+
+    def chunk(h: int, s: int) -> tuple[int, int]:
+        return chunk_bounds(sizes[h], k)[p.chunk_of(h, s)]
+
+    def L(s: int) -> int:
+        return max((b - a for a, b in (chunk(h, s) for h in p.data_holders(s))), default=0)
+
+    def pad(s: int) -> int:
+        return -(-L(s) // spec.piece) * spec.piece
+
+    async def headers_of(s: int) -> bytes:
+        """Fragment headers of stripe s: kept by its parity holders."""
+        if s not in headers_any:
+            for h in p.parity_holders(s):
+                if h == me or h not in live:
+                    continue
+                try:
+                    r = await group.clients[h].request("fetch", {"job": job, "step": step, "what": "manifest"},
+                                                       timeout=30)
+                except ShardkeepError:
+                    continue
+                more = msgpack.unpackb(r.payload[0].bytes, raw=False, strict_map_key=False)["headers"]
+                headers_any.update({int(a): b for a, b in more.items()})
+                if s in headers_any:
+                    break
+        if s not in headers_any:
+            raise UnavailableError(f"no survivor holds the parity headers of stripe {s} of {job!r} step {step}")
+        return headers_any[s]
+
+    tag = secrets.token_hex(3)
+    layout, off = {}, 0
+    for s_, _ in p.parity_stripes(me):
+        layout[s_] = (off, pad(s_))
+        off += pad(s_)
+    parity: Segment = await loop.run_in_executor(daemon._pool, create_segment,
+                                                 f"{daemon.cfg.shm_prefix}-g-parity-{job}-{step}-{tag}", off)
+    headers: dict[int, bytes] = {}
+
+    async def rebuild_stripe(s: int, want: dict[int, list]) -> None:
+        """Fragments ``want`` of stripe s from k fragments the survivors hold (data first, then parity)."""
+        Ls, ps = L(s), pad(s)
+        st = await loop.run_in_executor(daemon._pool, create_segment,
+                                        f"{daemon.cfg.shm_prefix}-g-rebuild-{tag}-{s}", k * Ls + m * ps)
+        try:
+            have: dict[int, list] = {}
+            for idx, h in enumerate(p.data_holders(s)):
+                if h == me or h not in live:
+                    continue
+                n = (lambda ab: ab[1] - ab[0])(chunk(h, s))
+                if n:
+                    await _fetch(group, [h], {"job": job, "step": step, "what": "data", "stripe": s}, n,
+                                 memoryview(st.mm)[idx * Ls : idx * Ls + n])
+                have[idx] = [(st.name, idx * Ls, n)] if n else []
+            if len(have) == k:  # every data chunk survives: encode (this also gives the headers)
+                out = [[(st.name, k * Ls + q * ps, ps)] for q in range(m)]
+                hdr = await gc.pool.encode(spec, [have[i] for i in range(k)], Ls, out) if Ls else b""
+                for idx, ext in want.items():
+                    if idx >= k:
+                        q = idx - k
+                        base = ext[0][1]
+                        parity.mm[base : base + ps] = st.mm[k * Ls + q * ps : k * Ls + (q + 1) * ps]
+                headers[s] = hdr
+                return
+            for j, h in enumerate(p.parity_holders(s)):
+                if len(have) >= k:
+                    break
+                if h == me or h not in live:
+                    continue
+                await _fetch(group, [h], {"job": job, "step": step, "what": "parity", "stripe": s}, ps,
+                             memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps])
+                have[k + j] = [(st.name, k * Ls + j * ps, ps)]
+            if len(have) < k:
+                raise UnavailableError(f"stripe {s} of {job!r} step {step}: only {len(have)} of {k} fragments survive")
+            hdr = await headers_of(s)
+            if Ls:
+                await gc.pool.reconstruct(spec, have, hdr, Ls, want)
+            headers[s] = hdr
+        finally:
+            st.destroy()
+
+    # 2. this node's data chunks, straight into its slots
+    for s in p.data_stripes(me):
+        a, b = chunk(me, s)
+        if b > a:
+            await rebuild_stripe(s, {p.data_index(s, me): extents(a, b)})
+    # 3. verify and commit the slots
+    for slot, rank in zip(slots, sorted(decoded)):
+        mf, raw = decoded[rank]
+        daemon._commit_seq += 1
+        slot.commit(mf, raw, daemon._commit_seq)
+        try:
+            await loop.run_in_executor(daemon._pool, verify_slot, slot)
+        except Exception as exc:
+            for sl in slots:
+                sl.destroy()
+            parity.destroy()
+            raise IntegrityError(f"rebuilt job {job!r} rank {rank} step {step} fails verification: {exc}") from None
+        jobstate.rank_state(rank).slots.append(slot)
+    # 4. this node's parity
+    for s, j in p.parity_stripes(me):
+        base, ps = layout[s]
+        await rebuild_stripe(s, {k + j: [(parity.name, base, ps)]})
+    gc.adopt_rebuilt(job, step, sizes, manifests, views, parity, layout, headers)
+    jobstate.recorded = [step]
+    jobstate.group_recorded = [step]
+    daemon.jobs[job] = jobstate
+    log.info("rebuilt job %s step %d: %d ranks, %d bytes of data, %d parity stripes",
+             job, step, len(slots), sizes[me], len(layout))
+    return {"job": job, "step": step, "ranks": sorted(decoded), "bytes": sizes[me], "parity_stripes": sorted(layout)}

@@ -1,0 +1,72 @@
+"""A whole node is lost (trainer, daemon, shared memory, state dir); a replacement is rebuilt from its peers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import shardkeep_cmd
+from shardkeep.client import Snapshotter
+from test_group_membership import all_up, free_ports, peers_arg, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("n,m", [(3, 1), (4, 2)])
+def test_replacement_rebuilt_by_shardkeep_recover_restores_bitwise(make_daemon, job_id, n, m):
+    ports = free_ports(n)
+    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    g = torch.Generator().manual_seed(1)
+    states = [{"w": torch.randn(300_000 + 7_777 * i, generator=g), "b": torch.arange(i + 3), "step": 0}
+              for i in range(n)]
+    saved = {}
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    try:
+        for step in range(3):
+            futs = []
+            for st, snap in zip(states, snaps):
+                st["w"].mul_(1.5).add_(step)
+                st["step"] = step
+                futs.append(snap.snapshot(st, step))
+            assert [f.result(timeout=60).level for f in futs] == ["group"] * n
+        saved = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for st in states]
+    finally:
+        for s in snaps:
+            s.close()
+    lost = list(range(n - m, n))  # m whole nodes: trainer gone, daemon killed, shm and state dir wiped
+    for i in lost:
+        ds[i].kill()
+        ds[i].wipe_shm()
+        shutil.rmtree(ds[i].state_dir, ignore_errors=True)
+    new_ports = ports[:]
+    for i in lost:
+        new_ports[i] = free_ports(1)[0]
+    reps = {i: make_daemon(["--peers", peers_arg(new_ports), "--node", str(i), *common]) for i in lost}
+    for i, rep in reps.items():
+        wait_until(lambda rep=rep: all(p["up"] for p in rep.status()["group"]["peers"] if p["node"] not in lost),
+                   what=f"replacement {i} joined")
+        assert rep.status()["group"]["generation"] == 2
+    for i, rep in reps.items():
+        r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr + rep.log()
+        assert f"job {job_id} step 2" in r.stdout and "verified" in r.stdout
+    for i, rep in reps.items():
+        assert rep.job_status(job_id)["restorable"] == [2]
+        fresh = {"w": torch.zeros_like(saved[i]["w"]), "b": torch.zeros_like(saved[i]["b"]), "step": -1}
+        with Snapshotter(socket=rep.socket, job=job_id, rank=i, world_size=n, local_world_size=1) as snap:
+            assert snap.restore(fresh) == 2
+        assert torch.equal(fresh["w"], saved[i]["w"]) and torch.equal(fresh["b"], saved[i]["b"])
+        assert fresh["step"] == 2
+
+
+def test_recover_on_a_daemon_without_a_group_fails_clearly(daemon):
+    r = subprocess.run(shardkeep_cmd("recover", "--socket", daemon.socket), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "no group" in r.stderr
