@@ -70,3 +70,32 @@ def test_recover_on_a_daemon_without_a_group_fails_clearly(daemon):
     r = subprocess.run(shardkeep_cmd("recover", "--socket", daemon.socket), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "no group" in r.stderr
+
+
+def test_more_than_m_lost_nodes_is_a_clear_error_and_nothing_is_restored(make_daemon, job_id):
+    n, m = 3, 1
+    ports = free_ports(n)
+    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    try:
+        futs = [s.snapshot({"w": torch.full((100_000,), float(i))}, 0) for i, s in enumerate(snaps)]
+        assert [f.result(timeout=60).level for f in futs] == ["group"] * n
+    finally:
+        for s in snaps:
+            s.close()
+    for i in (1, 2):  # m + 1 whole nodes
+        ds[i].kill()
+        ds[i].wipe_shm()
+        shutil.rmtree(ds[i].state_dir, ignore_errors=True)
+    new_ports = [ports[0]] + free_ports(2)
+    rep = make_daemon(["--peers", peers_arg(new_ports), "--node", "1", *common])
+    wait_until(lambda: next(p for p in rep.status()["group"]["peers"] if p["node"] == 0)["up"], what="joined")
+    r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "fragments survive" in r.stderr, r.stdout + r.stderr
+    assert rep.job_status(job_id) is None and rep.segments() == []
+    with Snapshotter(socket=rep.socket, job=job_id, rank=1, world_size=n, local_world_size=1) as snap:
+        out = {"w": torch.zeros(100_000)}
+        assert snap.restore(out) is None and torch.equal(out["w"], torch.zeros(100_000))

@@ -79,6 +79,16 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
 
 
 async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], loop) -> dict:
+    created: list = []  # slots and segments this attempt made: all go if it fails
+    try:
+        return await _rebuild_version_into(daemon, job, step, live, loop, created)
+    except BaseException:
+        for seg in created:
+            seg.destroy()
+        raise
+
+
+async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int], loop, created: list) -> dict:
     group = daemon.group
     gc, p, me, k, m = group.gc, group.placement, group.node, group.placement.k, group.placement.m
     spec = gc.spec
@@ -108,6 +118,7 @@ async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], lo
         slot = await loop.run_in_executor(daemon._pool, create_slot, daemon._next_slot_id(), daemon.cfg.shm_prefix,
                                           job, rank, mf.data_bytes, int(len(raw) * 1.25) + (64 << 10))
         slots.append(slot)
+        created.append(slot)
     first = next(iter(decoded.values()))[0]
     jobstate = JobState(job, first.world_size, first.local_world_size, history=first.history)
     views = [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + decoded[r][0].data_bytes]
@@ -158,6 +169,7 @@ async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], lo
         off += pad(s_)
     parity: Segment = await loop.run_in_executor(daemon._pool, create_segment,
                                                  f"{daemon.cfg.shm_prefix}-g-parity-{job}-{step}-{tag}", off)
+    created.append(parity)
     headers: dict[int, bytes] = {}
 
     async def rebuild_stripe(s: int, want: dict[int, list]) -> None:
@@ -215,9 +227,6 @@ async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], lo
         try:
             await loop.run_in_executor(daemon._pool, verify_slot, slot)
         except Exception as exc:
-            for sl in slots:
-                sl.destroy()
-            parity.destroy()
             raise IntegrityError(f"rebuilt job {job!r} rank {rank} step {step} fails verification: {exc}") from None
         jobstate.rank_state(rank).slots.append(slot)
     # 4. this node's parity
