@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -139,6 +140,7 @@ def test_insecure_with_a_non_loopback_peer_refuses_to_start(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1 and "loopback" in r.stderr and "192.0.2.7" in r.stderr
+    assert not (tmp_path / "st" / "daemon.lock").exists() and not os.path.exists("/dev/shm/sktnolo.lock")
 
 
 def test_a_group_needs_keys_unless_insecure(tmp_path):

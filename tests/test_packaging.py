@@ -113,6 +113,7 @@ def test_sigterm_keeps_committed_slots_and_frees_the_rest(daemon, job_id):
 
     assert not os.path.exists(daemon.socket)
     assert len(daemon.segments()) == 1  # the committed version stays for the next daemon
+    assert not os.path.exists(f"/dev/shm/{daemon.prefix}.lock")  # no litter beside it
 
 
 def test_release_frees_a_job(daemon, job_id):

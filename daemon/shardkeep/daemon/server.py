@@ -55,7 +55,7 @@ class Daemon:
         self._commit_seq = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-io")
         self._stop: asyncio.Event | None = None
-        self._lockfds: list[int] = []
+        self._lockfds: list[tuple[str, int]] = []
         self.started = time.time()
         self.errors = 0
         self.adopted = 0
@@ -83,7 +83,7 @@ class Daemon:
                 raise UnavailableError(f"another shardkeep daemon holds {path}") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-            self._lockfds.append(fd)
+            self._lockfds.append((path, fd))
 
     def _segment_names(self) -> list[str]:
         head = f"{self.cfg.shm_prefix}-"
@@ -164,8 +164,24 @@ class Daemon:
         os.chmod(path, 0o600)
         return sock
 
+    def _unlock(self) -> None:
+        """Remove the lock files while still holding them: nothing is left in /dev/shm or the state dir."""
+        for path, fd in self._lockfds:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
+        self._lockfds.clear()
+
     async def run(self) -> None:
         self._lock()
+        try:
+            await self._run_locked()
+        finally:
+            self._unlock()
+
+    async def _run_locked(self) -> None:
         await self.adopt()
         self._stop = asyncio.Event()
         if self.cfg.peers:
