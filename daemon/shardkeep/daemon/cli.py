@@ -131,14 +131,41 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
+    import concurrent.futures
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shardkeep.proto.sizes import format_size
+
     from shardkeep.proto.transport import Channel
 
+    sock = args.socket or default_socket()
     print("rebuilding this node's data and parity from the survivors ...", flush=True)
-    try:
-        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request("recover")
-    except ShardkeepError as exc:
-        print(f"shardkeep recover: {exc}", file=sys.stderr)
-        return 1
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(Channel(sock, timeout=args.timeout).request, "recover")
+        with Progress(TextColumn("stripes"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("fetched {task.fields[fetched]}"), TimeElapsedColumn(),
+                      transient=not sys.stdout.isatty()) as progress:
+            task = progress.add_task("recover", total=None, fetched="0 B")
+            while True:
+                try:
+                    fut.result(timeout=0.5)
+                    break
+                except concurrent.futures.TimeoutError:
+                    pass
+                except ShardkeepError:
+                    break
+                try:
+                    st = Channel(sock, timeout=5).request("status").fields.get("recover") or {}
+                except ShardkeepError:
+                    continue
+                progress.update(task, total=st.get("stripes_total") or None, completed=st.get("stripes_done", 0),
+                                fetched=format_size(st.get("bytes_fetched", 0)))
+        try:
+            reply = fut.result()
+        except ShardkeepError as exc:
+            print(f"shardkeep recover: {exc}", file=sys.stderr)
+            return 1
     for v in reply.fields.get("versions", []):
         print(f"job {v['job']} step {v['step']}: ranks {v['ranks']}, {v['bytes']} bytes rebuilt and verified, "
               f"parity of stripes {v['parity_stripes']} re-encoded")

@@ -51,14 +51,23 @@ async def rebuild(daemon: Any) -> dict:
     newest: dict[str, int] = {}
     for job, step in held:
         newest[job] = max(step, newest.get(job, -1))
+    per_version = len(group.placement.data_stripes(group.node)) + len(group.placement.parity_stripes(group.node))
+    daemon.recover_progress = {"state": "running", "versions": len(newest), "stripes_done": 0,
+                               "stripes_total": per_version * len(newest), "bytes_fetched": 0}
     done = []
     for job, step in sorted(newest.items()):
         # only the nodes that hold this version can serve it (another replacement may be up, but empty)
-        done.append(await _rebuild_version(daemon, job, step, sorted(held[(job, step)]), loop))
+        try:
+            done.append(await _rebuild_version(daemon, job, step, sorted(held[(job, step)]), loop))
+        except BaseException:
+            daemon.recover_progress["state"] = "failed"
+            raise
+    daemon.recover_progress["state"] = "done"
     return {"versions": done, "seconds": round(time.monotonic() - t0, 3)}
 
 
-async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: memoryview) -> None:
+async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: memoryview,
+                 progress: dict | None = None) -> None:
     """Fill ``dst`` with ``length`` bytes fetched in pieces from the first source that answers."""
     last: Exception | None = None
     for j in sources:
@@ -71,6 +80,8 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
                 if len(data) != n:
                     raise IntegrityError(f"node {j} sent {len(data)} bytes for {n}")
                 dst[off : off + n] = data
+                if progress is not None:
+                    progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
             return
         except ShardkeepError as exc:
             last = exc
@@ -185,7 +196,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
                 n = (lambda ab: ab[1] - ab[0])(chunk(h, s))
                 if n:
                     await _fetch(group, [h], {"job": job, "step": step, "what": "data", "stripe": s}, n,
-                                 memoryview(st.mm)[idx * Ls : idx * Ls + n])
+                                 memoryview(st.mm)[idx * Ls : idx * Ls + n], daemon.recover_progress)
                 have[idx] = [(st.name, idx * Ls, n)] if n else []
             if len(have) == k:  # every data chunk survives: encode (this also gives the headers)
                 out = [[(st.name, k * Ls + q * ps, ps)] for q in range(m)]
@@ -203,7 +214,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
                 if h == me or h not in live:
                     continue
                 await _fetch(group, [h], {"job": job, "step": step, "what": "parity", "stripe": s}, ps,
-                             memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps])
+                             memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps], daemon.recover_progress)
                 have[k + j] = [(st.name, k * Ls + j * ps, ps)]
             if len(have) < k:
                 raise UnavailableError(f"stripe {s} of {job!r} step {step}: only {len(have)} of {k} fragments survive")
@@ -213,12 +224,15 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
             headers[s] = hdr
         finally:
             st.destroy()
+            daemon.recover_progress["stripes_done"] += 1
 
     # 2. this node's data chunks, straight into its slots
     for s in p.data_stripes(me):
         a, b = chunk(me, s)
         if b > a:
             await rebuild_stripe(s, {p.data_index(s, me): extents(a, b)})
+        else:
+            daemon.recover_progress["stripes_done"] += 1  # nothing of ours in this stripe
     # 3. verify and commit the slots
     for slot, rank in zip(slots, sorted(decoded)):
         mf, raw = decoded[rank]

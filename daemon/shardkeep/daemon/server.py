@@ -64,6 +64,7 @@ class Daemon:
         self.group = None
         self.fenced = ""
         self._group_waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self.recover_progress: dict = {}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -558,6 +559,7 @@ class Daemon:
             "dropped_bad_slots": self.dropped_bad,
             "jobs": jobs,
             "group": self.group.status() if self.group is not None else None,
+            "recover": self.recover_progress or None,
         }
 
 
