@@ -162,32 +162,12 @@ def create_slot(
 ) -> Slot:
     """Create and fully reserve a segment (blocking: run it off the event loop)."""
     moff, doff, size = geometry(data_capacity, manifest_capacity)
-    name = segment_name(prefix, job, rank)
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        try:
-            # allocates every tmpfs page now: ENOSPC here, never SIGBUS in a copy later
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                raise CapacityError(
-                    f"cannot reserve {size} bytes in {SHM_DIR} for job {job!r} rank {rank}: "
-                    f"{os.strerror(exc.errno)}",
-                    needed=size,
-                ) from None
-            raise
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
+    seg = create_segment(segment_name(prefix, job, rank), size, f"job {job!r} rank {rank}")
     header = SlotHeader(
         state=STATE_FREE, slot_size=size, data_offset=doff, data_capacity=size - doff,
         manifest_offset=moff, manifest_capacity=doff - moff, rank=rank, job=job,
     )
-    slot = Slot(slot_id, name, header, fd, mm)
+    slot = Slot(slot_id, seg.name, header, seg.fd, seg.mm)
     slot.write_header()
     return slot
 
@@ -257,8 +237,12 @@ class Segment:
             pass
 
 
-def create_segment(name: str, size: int) -> Segment:
-    """Create, reserve (posix_fallocate) and map a 0600 segment (blocking: run it off the event loop)."""
+def create_segment(name: str, size: int, what: str | None = None) -> Segment:
+    """Create, reserve (posix_fallocate) and map a 0600 segment (blocking: run it off the event loop).
+
+    Every page is allocated now: a full tmpfs is a ``CapacityError`` here, never
+    a SIGBUS in the middle of a copy later.
+    """
     path = os.path.join(SHM_DIR, name)
     size = max(size, 4096)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -268,7 +252,7 @@ def create_segment(name: str, size: int) -> Segment:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                raise CapacityError(f"cannot reserve {size} bytes in {SHM_DIR} for {name}: "
+                raise CapacityError(f"cannot reserve {size} bytes in {SHM_DIR} for {what or name}: "
                                     f"{os.strerror(exc.errno)}", needed=size) from None
             raise
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
