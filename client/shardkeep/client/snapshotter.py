@@ -35,6 +35,9 @@ from .copier import ChunkHasher, copy_all, dst_view
 from .flatten import RNG_KEY, Flat, Restorer, flatten
 from .shm import Mapping, SlotMaps
 
+#: the longest a future waits for its group level (the daemon's own bound is usually shorter)
+GROUP_WAIT_S = 3 * DEFAULT_TIMEOUTS.group_commit
+
 log = logging.getLogger("shardkeep.client")
 
 
@@ -412,14 +415,16 @@ class Snapshotter:
     def _group_waiter(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._waiter is None:
             self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkeep-group")
-            self._wait_chan = Channel(self.socket, timeout=DEFAULT_TIMEOUTS.group_commit + 15)
+            # the daemon bounds the wait by its own group-commit timeout (plus the time to learn a
+            # decision when the coordinator is lost); this only guards against a daemon that vanished
+            self._wait_chan = Channel(self.socket, timeout=GROUP_WAIT_S + 15)
         return self._waiter
 
     def _await_group(self, p: _Pending, local: SnapshotResult) -> None:
         """Resolve the future at group level, or at local level if the group cannot take it (never raise)."""
         try:
             r = self._wait_chan.request("wait", {"job": self.job, "step": p.step,
-                                                 "timeout": int(DEFAULT_TIMEOUTS.group_commit * 1000) + 5000})
+                                                 "timeout": int(GROUP_WAIT_S * 1000)})
             level = "group" if r.fields.get("level") == "group" else "local"
             reason = str(r.fields.get("reason", ""))
         except ShardkeepError as exc:

@@ -76,8 +76,22 @@ class Group:
         """Codec workers and the group-commit data path (the spec probe runs off the event loop)."""
         spec = await loop.run_in_executor(executor, make_spec, self.placement.k, self.placement.m, self.codec)
         self.codec_pool = CodecPool(workers=2)
+        t = self.cfg.timeouts
         self.gc = GroupCommit(self.node, self.placement, spec, self.codec_pool, f"{self.cfg.shm_prefix}-g",
-                              self._send_data, self._broadcast, executor)
+                              self._send_data, self._broadcast, executor, coordinator=self.coordinator,
+                              ask=self._ask, live=self.live_peers, resolve_timeout=t.peer_down * 2 + 5)
+
+    def live_peers(self) -> list[int]:
+        return [j for j in self.membership.peers if self.peer_up(j)]
+
+    def coordinator(self) -> int:
+        """The node that decides group commits: the lowest-index live one (this node counts as live)."""
+        return min([self.node, *self.live_peers()])
+
+    async def _ask(self, j: int, mtype: str, fields: dict) -> dict:
+        r = await self.clients[j].request(mtype, {**fields, "gen": self.membership.gen},
+                                          timeout=self.cfg.timeouts.heartbeat * 2)
+        return r.fields
 
     async def _send_data(self, dst: int, kind: str, meta: dict, payload: Any) -> None:
         assert self.data is not None
@@ -251,9 +265,11 @@ class Group:
                                         stand_down=True)
         if msg.type == "heartbeat":
             return None
-        if msg.type in ("local-commit", "ack") and self.gc is not None:
+        if msg.type in ("local-commit", "ack", "committed", "abort") and self.gc is not None:
             self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
             return None
+        if msg.type == "outcome" and self.gc is not None:
+            return {"outcome": self.gc.outcome(msg.fields["job"], msg.fields["step"])}
         if msg.type == "inventory" and self.gc is not None:
             return {"versions": self.gc.inventory()}
         if msg.type == "fetch" and self.gc is not None:
@@ -313,7 +329,7 @@ class Group:
         return {
             "group": m.group, "node": self.node, "n": self.n, "parity": m.m, "codec": m.codec,
             "generation": m.gen, "security": self.security.mode, "control": self.control_endpoint,
-            "data": self.data_endpoint, "degraded": self.degraded, "peers": peers,
+            "data": self.data_endpoint, "degraded": self.degraded, "coordinator": self.coordinator(), "peers": peers,
             "forged_data_frames_dropped": self.data.forged_dropped if self.data else 0,
             "refused_connections": self.pctx.refused_connections if self.pctx else 0,
             "control_messages": {"received": self.server.received if self.server else 0,
@@ -322,7 +338,7 @@ class Group:
             "versions": [
                 {"job": job, "step": step, "sizes_from": sorted(v.sizes), "manifests_from": sorted(v.manifests),
                  "parity_stripes": sorted(v.stored), "acks_from": sorted(v.acks),
-                 "group_committed": bool(v.committed and v.committed.done())}
+                 "decision": v.decided or "pending", "group_committed": v.decided == "commit"}
                 for (job, step), v in sorted(self.gc.versions.items())
             ] if self.gc is not None else [],
         }

@@ -12,7 +12,14 @@ data, in rank order) and learns every other node's size from their
    0, and ships parity ``1..m-1`` (and the fragment headers) to the other parity
    holders;
 3. a node that holds all the parity it is due for the version tells every node
-   (``ack``); a version is group-committed on a node once it has every node's ack.
+   (``ack``);
+4. the job's coordinator (the lowest-index live node) decides: with every
+   node's ack it records the version at group level and tells every node
+   (``committed``); when the commit cannot finish in time it decides abort
+   (``abort``).  Only the coordinator decides, so no two nodes can disagree on
+   a version: a node that acked keeps the version whole (data and parity)
+   until it learns the decision, and if the coordinator is lost first it asks
+   the survivors (``outcome``) and the new coordinator decides.
 
 This module holds no sockets: the caller passes ``send_data`` and ``broadcast``
 and feeds it the peer messages; it owns the staging and parity segments.
@@ -31,13 +38,17 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from shardkeep.proto.errors import ProtocolError, ShardkeepTimeoutError
+from shardkeep.proto.errors import ProtocolError, ShardkeepError, ShardkeepTimeoutError
 
 from .arena import Segment, create_segment
 from .codec import CodecPool, CodecSpec, substripes
 from .stripes import Placement, chunk_bounds
 
 log = logging.getLogger("shardkeep.groupcommit")
+
+
+class GroupCommitAborted(ShardkeepError):
+    """The coordinator aborted the group commit of a version (it stays at local level)."""
 
 PIECE = 4 << 20  # bytes per data-plane message
 
@@ -61,7 +72,9 @@ class _Version:
     stored: set[int] = field(default_factory=set)
     acked: bool = False
     acks: set[int] = field(default_factory=set)
-    committed: asyncio.Future | None = None
+    committed: asyncio.Future | None = None   # the decision: True = group level, False = aborted
+    decided: str = ""                           # "", "commit" or "abort"
+    reason: str = ""
     preparing: asyncio.Task | None = None
     ready: bool = False          # segments exist: data pieces go straight to them
 
@@ -69,11 +82,18 @@ class _Version:
 class GroupCommit:
     def __init__(self, node: int, placement: Placement, spec: CodecSpec, pool: CodecPool, prefix: str,
                  send_data: Callable[..., Awaitable[Any]], broadcast: Callable[..., Awaitable[None]],
-                 executor: Any = None) -> None:
+                 executor: Any = None, *, coordinator: Callable[[], int] | None = None,
+                 ask: Callable[[int, str, dict], Awaitable[dict]] | None = None,
+                 live: Callable[[], list[int]] | None = None, resolve_timeout: float = 15.0) -> None:
         if spec.k != placement.k or spec.m != placement.m:
             raise ValueError("codec spec and placement disagree on k and m")
         self.node, self.p, self.spec, self.pool = node, placement, spec, pool
         self.prefix, self.send_data, self.broadcast, self.executor = prefix, send_data, broadcast, executor
+        # who decides (the lowest live node), how to ask a peer, which peers are up
+        self.coordinator = coordinator or (lambda: 0)
+        self.ask = ask
+        self.live = live or (lambda: [])
+        self.resolve_timeout = resolve_timeout
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step): late messages dropped
 
@@ -122,16 +142,105 @@ class GroupCommit:
         return v
 
     async def wait(self, job: str, step: int, timeout: float) -> None:
+        """Until (job, step) is decided; raises unless it reached group level.
+
+        After ``timeout`` a node that never acked gives up at once (no version
+        commits without every node's ack); one that acked first learns or makes
+        the decision (``_resolve``), because the coordinator may have recorded
+        the version and released the one before.
+        """
         v = self._v(job, step)
         try:
-            await asyncio.wait_for(asyncio.shield(v.committed), timeout)
+            ok = await asyncio.wait_for(asyncio.shield(v.committed), timeout)
         except asyncio.TimeoutError:
-            raise ShardkeepTimeoutError(
-                f"group commit of job {job!r} step {step} on node {self.node} did not finish in {timeout:.0f}s "
-                f"(sizes from {sorted(v.sizes)}, parity stored for stripes {sorted(v.stored)}, "
-                f"acks from {sorted(v.acks)}, staged {v.staged}, early {len(v.early)}, encoded {v.encoded})",
-                what="group-commit", after=timeout,
-            ) from None
+            why = (f"group commit of job {job!r} step {step} on node {self.node} did not finish in {timeout:.0f}s "
+                   f"(sizes from {sorted(v.sizes)}, parity stored for stripes {sorted(v.stored)}, "
+                   f"acks from {sorted(v.acks)}, staged {v.staged}, early {len(v.early)}, encoded {v.encoded})")
+            if self.coordinator() == self.node:
+                self._decide(v, "commit" if len(v.acks) == self.p.n else "abort", broadcast=True, reason=why)
+            elif not v.acked:
+                self._decide(v, "abort", broadcast=False, reason=why)
+            else:
+                await self._resolve(v)
+            ok = v.committed.result()
+            if not ok:
+                raise ShardkeepTimeoutError(why, what="group-commit", after=timeout) from None
+        if not ok:
+            raise GroupCommitAborted(f"group commit of job {job!r} step {step} was aborted: {v.reason}")
+
+    async def _resolve(self, v: _Version) -> None:
+        """Learn the decision on a version this node acked: ask the survivors, or decide as coordinator."""
+        assert v.committed is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.resolve_timeout
+        while not v.committed.done():
+            if self.coordinator() == self.node:
+                # the old coordinator is gone: a survivor that heard its decision wins, else ours
+                heard = await self._ask_outcomes(v)
+                if v.committed.done():
+                    break
+                if "commit" in heard:
+                    self._decide(v, "commit", broadcast=True, reason="")
+                elif "abort" in heard:
+                    self._decide(v, "abort", broadcast=True, reason="aborted by the coordinator")
+                else:
+                    self._decide(v, "commit" if len(v.acks) == self.p.n else "abort", broadcast=True,
+                                 reason=f"no decision arrived; acks from {sorted(v.acks)}")
+                break
+            heard = await self._ask_outcomes(v)
+            if v.committed.done():
+                break
+            if "commit" in heard or "abort" in heard:
+                self._decide(v, "commit" if "commit" in heard else "abort", broadcast=False,
+                             reason="aborted by the coordinator")
+                break
+            if loop.time() > deadline:
+                # nobody knows and we do not decide: keeping the data would block this node's
+                # snapshots forever; no live node recorded it, so the version before stays whole
+                self._decide(v, "abort", broadcast=False,
+                             reason=f"no decision within {self.resolve_timeout:.0f}s from coordinator "
+                                    f"node {self.coordinator()}")
+                break
+            await asyncio.sleep(0.5)
+
+    async def _ask_outcomes(self, v: _Version) -> set[str]:
+        if self.ask is None:
+            return set()
+
+        async def one(j: int) -> str:
+            try:
+                r = await self.ask(j, "outcome", {"job": v.job, "step": v.step})
+                return str(r.get("outcome", ""))
+            except Exception as exc:  # a dead peer is no answer
+                log.debug("outcome of %s step %d from node %d: %r", v.job, v.step, j, exc)
+                return ""
+
+        return set(await asyncio.gather(*(one(j) for j in self.live() if j != self.node)))
+
+    def outcome(self, job: str, step: int) -> str:
+        """What this node knows of (job, step): commit, abort, pending, or unknown."""
+        if (job, step) in self.abandoned:
+            return "abort"
+        v = self.versions.get((job, step))
+        if v is None:
+            return "unknown"
+        return v.decided or "pending"
+
+    def _decide(self, v: _Version, outcome: str, *, broadcast: bool, reason: str = "") -> None:
+        if v.decided:
+            return
+        v.decided, v.reason = outcome, reason
+        if v.committed is not None and not v.committed.done():
+            v.committed.set_result(outcome == "commit")
+        if outcome == "commit":
+            log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
+        else:
+            log.warning("node %d: job %s step %d aborted at group level: %s", self.node, v.job, v.step, reason)
+        if broadcast:
+            if outcome == "commit":
+                self._spawn(self.broadcast("committed", {"job": v.job, "step": v.step, "level": "group"}))
+            else:
+                self._spawn(self.broadcast("abort", {"job": v.job, "step": v.step, "reason": reason[:200]}))
 
     def on_control(self, src: int, mtype: str, f: dict, payload: list | None = None) -> None:
         if (f["job"], f["step"]) in self.abandoned:
@@ -147,6 +256,12 @@ class GroupCommit:
         elif mtype == "ack":
             v.acks.add(src)
             self._check_committed(v)
+        elif mtype == "committed":
+            if not v.acked:  # every node acks before anyone decides commit: this one is confused
+                raise ProtocolError(f"node {src} says step {f['step']} committed, but this node never acked it")
+            self._decide(v, "commit", broadcast=False)
+        elif mtype == "abort":
+            self._decide(v, "abort", broadcast=False, reason=f"node {src}: {f.get('reason', '')}")
 
     def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> None:
         if (meta.get("job"), meta.get("step")) in self.abandoned:
@@ -273,21 +388,19 @@ class GroupCommit:
             self._check_committed(v)
 
     def _check_committed(self, v: _Version) -> None:
-        if len(v.acks) == self.p.n and v.committed is not None and not v.committed.done():
-            v.committed.set_result(True)
-            log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
+        if len(v.acks) == self.p.n and self.coordinator() == self.node:
+            self._decide(v, "commit", broadcast=True)
 
     # --- what a rebuild needs -------------------------------------------------------------------
 
     def inventory(self) -> list[list]:
-        return [[job, step] for (job, step), v in sorted(self.versions.items())
-                if v.committed is not None and v.committed.done()]
+        return [[job, step] for (job, step), v in sorted(self.versions.items()) if v.decided == "commit"]
 
     def serve_fetch(self, f: dict) -> tuple[dict, list]:
         """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity."""
         key = (f["job"], f["step"])
         v = self.versions.get(key)
-        if v is None or v.committed is None or not v.committed.done():
+        if v is None or v.decided != "commit":
             raise ProtocolError(f"node {self.node} holds no group-level version {key}")
         what = f.get("what", "manifest")
         if what == "manifest":
@@ -317,8 +430,7 @@ class GroupCommit:
         v.sizes, v.manifests, v.views = dict(sizes), dict(manifests), views
         v.parity, v.layout, v.headers = parity, dict(layout), dict(headers)
         v.stored, v.acks, v.acked, v.ready, v.encoded, v.sent = set(layout), set(range(self.p.n)), True, True, True, True
-        if v.committed is not None and not v.committed.done():
-            v.committed.set_result(True)
+        self._decide(v, "commit", broadcast=False)
 
     def manifests_of(self, job: str, step: int) -> dict[int, bytes]:
         """Every node's manifests of (job, step), as each sent them with its local-commit."""

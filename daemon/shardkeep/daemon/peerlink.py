@@ -182,6 +182,8 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
                "offset": SIZE, "length": SIZE, "reply_via": _enum("control", "data")}, 0),
     # which versions this node holds at group level (a replacement asks before it rebuilds)
     "inventory": ({}, {}, 0),
+    # what this node knows of the coordinator's decision on a version (reply {outcome})
+    "outcome": ({"job": _job, "step": STEP}, {"history": HISTORY}, 0),
 }
 PEER_MESSAGE_TYPES: tuple[str, ...] = tuple(PEER_SCHEMAS)
 REPLY_TYPES = (wire.REPLY_OK, wire.REPLY_ERROR)

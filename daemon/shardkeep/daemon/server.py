@@ -374,7 +374,8 @@ class Daemon:
         fut = self._group_waiters.get((job.job, step))
         if fut is None:
             return {"level": "local", "reason": f"step {step} is not being group-committed"}
-        timeout = min(f.get("timeout", 600_000) / 1000, self.cfg.timeouts.group_commit + 5)
+        t = self.cfg.timeouts
+        timeout = min(f.get("timeout", 600_000) / 1000, t.group_commit + 2 * t.peer_down + 15)
         try:
             level, why = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
