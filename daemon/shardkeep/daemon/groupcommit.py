@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from shardkeep.proto.errors import ProtocolError, ShardkeepError, ShardkeepTimeoutError
+from shardkeep.proto.faults import Phase, plan as fault_plan
 
 from .arena import Segment, create_segment
 from .codec import CodecPool, CodecSpec, substripes
@@ -94,6 +95,7 @@ class GroupCommit:
         self.ask = ask
         self.live = live or (lambda: [])
         self.resolve_timeout = resolve_timeout
+        self.faults = fault_plan()
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step): late messages dropped
 
@@ -229,6 +231,8 @@ class GroupCommit:
     def _decide(self, v: _Version, outcome: str, *, broadcast: bool, reason: str = "") -> None:
         if v.decided:
             return
+        if outcome == "commit" and broadcast:
+            self.faults.hit(Phase.GROUP_COMMIT)  # the coordinator's decision, before anyone hears it
         v.decided, v.reason = outcome, reason
         if v.committed is not None and not v.committed.done():
             v.committed.set_result(outcome == "commit")
@@ -311,6 +315,7 @@ class GroupCommit:
             a, b = self._chunk(v, self.node, s)
             index = self.p.data_index(s, self.node)
             for off in range(a, b, PIECE):
+                self.faults.hit(Phase.CHUNK_SEND)
                 for piece_off, mv in _slices(v.views, off, min(off + PIECE, b)):
                     await self.send_data(self.p.encoder(s), "chunk",
                                          {"job": v.job, "step": v.step, "stripe": s, "index": index,
@@ -363,6 +368,7 @@ class GroupCommit:
         data = [[(st.name, i * L, n)] if n else [] for i, n in enumerate(need)]
         out = [[(v.parity.name, base, pad)]] + [[(st.name, self.p.k * L + (j - 1) * pad, pad)]
                                                for j in range(1, self.p.m)]
+        self.faults.hit(Phase.ENCODE)
         headers = await self.pool.encode(self.spec, data, L, out) if L else b""
         v.headers[s] = headers
         for j, holder in enumerate(self.p.parity_holders(s)[1:], start=1):
@@ -380,8 +386,11 @@ class GroupCommit:
         self._stored(v, s)
 
     def _stored(self, v: _Version, s: int) -> None:
+        self.faults.hit(Phase.PARITY_STORE)  # parity of stripe s is complete here (received or encoded)
         v.stored.add(s)
         if not v.acked and v.stored >= set(v.layout):
+            if self.faults.hit(Phase.ACK) == "drop":
+                return
             v.acked = True
             v.acks.add(self.node)
             self._spawn(self.broadcast("ack", {"job": v.job, "step": v.step}))

@@ -23,6 +23,8 @@ import msgpack
 from shardkeep.proto.errors import IntegrityError, ShardkeepError, UnavailableError
 from shardkeep.proto.manifest import Manifest
 
+from shardkeep.proto.faults import Phase
+
 from .arena import Segment, create_segment, create_slot, verify_slot
 from .jobs import JobState
 from .stripes import chunk_bounds
@@ -186,6 +188,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
     async def rebuild_stripe(s: int, want: dict[int, list]) -> None:
         """Fragments ``want`` of stripe s from k fragments the survivors hold (data first, then parity)."""
         Ls, ps = L(s), pad(s)
+        daemon.faults.hit(Phase.REBUILD)
         st = await loop.run_in_executor(daemon._pool, create_segment,
                                         f"{daemon.cfg.shm_prefix}-g-rebuild-{tag}-{s}", k * Ls + m * ps)
         try:

@@ -458,6 +458,7 @@ class Daemon:
             if ok and self.jobs.get(job.job) is job and any(s.step == step for s in slots):
                 job.group_recorded = (job.group_recorded + [step])[-16:]
                 for old in [k for k in self.group.gc.versions if k[0] == job.job and k[1] < step]:
+                    self.faults.hit(Phase.RELEASE)
                     self.group.gc.release(*old)  # parity of older versions: the new one replaces it
             if not waiter.done():
                 waiter.set_result(("group", "") if ok else ("local", why))

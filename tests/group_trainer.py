@@ -1,0 +1,89 @@
+"""One rank of a multi-node gloo training job, each "node" with its own daemon (run as a subprocess).
+
+The environment carries RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK=0,
+LOCAL_WORLD_SIZE=1 and SHARDKEEP_SOCKET (this node's daemon), as a launcher
+would set them.  ``--mode dp`` all-reduces each gradient tensor on its own, a
+reduction whose order never changes, so a resumed run is bitwise equal to an
+uninterrupted one; ``--mode ddp`` uses DistributedDataParallel, whose gradient
+buckets are rebuilt after the first iteration of every process, so a resumed
+run matches only to rounding.  Events go to ``--events`` as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from shardkeep.client import Snapshotter
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--events", required=True)
+    ap.add_argument("--mode", choices=("dp", "ddp"), default="dp")
+    ap.add_argument("--seed", type=int, default=0, help="a restart: perturb RNG and weights before restore()")
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--no-snapshot", action="store_true")
+    args = ap.parse_args()
+    events = open(args.events, "a", buffering=1)
+
+    def emit(**ev) -> None:
+        events.write(json.dumps(ev) + "\n")
+
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 384), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(384, 384), torch.nn.ReLU(), torch.nn.Linear(384, 8))
+    net = torch.nn.parallel.DistributedDataParallel(model) if args.mode == "ddp" else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(100 + rank)  # dropout differs per rank, as in real data parallelism
+    if args.seed:
+        torch.manual_seed(args.seed + rank)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+    state = {"model": model, "optim": opt, "progress": {"samples": 0}}
+    snap = None if args.no_snapshot else Snapshotter()
+    start = snap.restore(state) if snap else None
+    emit(event="restored", step=start)
+    first = 0 if start is None else start + 1
+    for step in range(first, args.steps):
+        g = torch.Generator().manual_seed(10_000 * step + rank)
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 8, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.mode == "dp":
+            for p in model.parameters():  # one all-reduce per tensor: a fixed reduction order
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        opt.step()
+        state["progress"]["samples"] += 32
+        if snap:
+            fut = snap.snapshot(state, step)
+            fut.add_done_callback(lambda f, s=step: emit(event="result", step=s, status=f.result().status,
+                                                         level=f.result().level))
+        emit(event="step", step=step)
+        if args.sleep:
+            time.sleep(args.sleep)
+    if snap:
+        snap.wait()
+        snap.close()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "progress": state["progress"]}, args.out)
+    emit(event="done", first=first, ran=args.steps - first)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
