@@ -210,3 +210,27 @@ def test_a_node_dies_in_the_middle_of_a_group_commit(make_daemon, job_id, tmp_pa
     expected = settled_group_step(ds[1:], job_id)
     replace_and_recover(make_daemon, ds, ports, [0], m, job_id, expected)
     check_resumed(Job([d.socket for d in ds], job_id, tmp_path / "run2", seed=99), ref, expected, "dp")
+
+
+def test_more_than_m_nodes_lost_every_rank_fails_clearly_and_none_restores(make_daemon, job_id, tmp_path):
+    n, m, lost = 4, 1, [1, 2]
+    ds, ports = start_group(make_daemon, n, m)
+    job = Job([d.socket for d in ds], job_id, tmp_path / "run1", sleep=0.05)
+    wait_until(lambda: all(job.group_steps(r) for r in range(n)), timeout=180, what="a group-level version")
+    job.kill(lost)
+    lose_nodes(ds, lost)
+    job.kill()
+    new_ports = list(ports)
+    for i in lost:
+        new_ports[i] = free_ports(1)[0]
+        ds[i] = make_daemon(["--peers", peers_arg(new_ports), "--node", str(i), "--parity", str(m), *GROUP_FLAGS])
+    wait_until(lambda: all(all(p["up"] for p in d.status()["group"]["peers"]) for d in ds), what="replacements up")
+    r = subprocess.run(shardkeep_cmd("recover", "--socket", ds[1].socket), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "nodes [1, 2] do not hold it" in r.stderr, r.stdout + r.stderr
+    again = Job([d.socket for d in ds], job_id, tmp_path / "run2", seed=5)
+    for p in again.procs:
+        p.wait(timeout=180)
+    assert [p.returncode for p in again.procs] == [1] * n, again.logs()
+    logs = again.logs()
+    assert logs.count("UnavailableError") >= n and "nodes [1, 2] do not hold it" in logs, logs
+    assert all(not any(e["event"] == "restored" for e in again.events(r)) for r in range(n))

@@ -10,6 +10,7 @@ import torch
 
 from conftest import shardkeep_cmd
 from shardkeep.client import Snapshotter
+from shardkeep.proto.errors import UnavailableError
 from test_group_membership import all_up, free_ports, peers_arg, wait_until
 
 pytestmark = pytest.mark.slow
@@ -97,8 +98,40 @@ def test_more_than_m_lost_nodes_is_a_clear_error_and_nothing_is_restored(make_da
     rep = make_daemon(["--peers", peers_arg(new_ports), "--node", "1", *common])
     wait_until(lambda: next(p for p in rep.status()["group"]["peers"] if p["node"] == 0)["up"], what="joined")
     r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "fragments survive" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"job {job_id!r} step 0" in r.stderr and "nodes [1, 2] do not hold it" in r.stderr, r.stderr
+    assert "only nodes [0] hold it" in r.stderr
     assert rep.job_status(job_id) is None and rep.segments() == []
     with Snapshotter(socket=rep.socket, job=job_id, rank=1, world_size=n, local_world_size=1) as snap:
         out = {"w": torch.zeros(100_000)}
-        assert snap.restore(out) is None and torch.equal(out["w"], torch.zeros(100_000))
+        with pytest.raises(UnavailableError, match=r"nodes \[1, 2\] do not hold it"):
+            snap.restore(out)
+        assert torch.equal(out["w"], torch.zeros(100_000))  # nothing was written
+
+
+def test_a_replacement_not_yet_recovered_refuses_to_restore_nothing(make_daemon, job_id):
+    """restore() on a node that lost its memory says so instead of starting the job from scratch."""
+    n, m = 3, 1
+    ports = free_ports(n)
+    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    try:
+        futs = [s.snapshot({"w": torch.full((1000,), float(i))}, 4) for i, s in enumerate(snaps)]
+        assert [f.result(timeout=60).level for f in futs] == ["group"] * n
+    finally:
+        for s in snaps:
+            s.close()
+    ds[2].kill()
+    ds[2].wipe_shm()
+    shutil.rmtree(ds[2].state_dir, ignore_errors=True)
+    rep = make_daemon(["--peers", peers_arg(ports[:2] + free_ports(1)), "--node", "2", *common])
+    wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="joined")
+    with Snapshotter(socket=rep.socket, job=job_id, rank=2, world_size=n, local_world_size=1) as snap:
+        with pytest.raises(UnavailableError, match=r"nodes \[0, 1\] hold step 4 at group level.*shardkeep recover"):
+            snap.restore({"w": torch.zeros(1000)})
+    # a job the group never saw is simply new
+    with Snapshotter(socket=rep.socket, job=job_id + "-new", rank=2, world_size=n, local_world_size=1) as snap:
+        assert snap.restore({"w": torch.zeros(1000)}) is None

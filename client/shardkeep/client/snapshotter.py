@@ -248,7 +248,8 @@ class Snapshotter:
         t0 = time.perf_counter()
         reply = self._request("versions", {"job": self.job, "rank": self.rank})
         candidates = [int(s) for s in reply.fields.get("restorable", [])]
-        candidates = _agree(candidates, self.job)
+        missing = str(reply.fields.get("missing", ""))  # this node lost versions the group holds
+        candidates = _agree(candidates, self.job, missing)
         fell_back: list[tuple[int, str]] = []
         restored: int | None = None
         nbytes = 0
@@ -690,19 +691,32 @@ def _dist_device(dist) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _agree(candidates: list[int], job: str) -> list[int]:
-    """With torch.distributed: the versions every rank holds, newest first."""
+def _agree(candidates: list[int], job: str, missing: str = "") -> list[int]:
+    """With torch.distributed: the versions every rank holds, newest first.
+
+    ``missing`` (this rank's daemon lost versions its group holds) makes every
+    rank fail alike rather than restore nothing or something older in silence.
+    """
     dist = _dist()
     if dist is None:
+        if missing and not candidates:
+            raise UnavailableError(f"job {job!r}: {missing}")
         return candidates
     n = 16
     dev = _dist_device(dist)
-    mine = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    mine = torch.full((n + 1,), -1, dtype=torch.int64, device=dev)
     if candidates:
         mine[: min(n, len(candidates))] = torch.tensor(candidates[:n], dtype=torch.int64)
+    mine[n] = 1 if missing and not candidates else 0
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
-    sets = [set(x.tolist()) - {-1} for x in gathered]
+    lost = [r for r, x in enumerate(gathered) if int(x[n]) == 1]
+    if lost:
+        if missing and not candidates:
+            raise UnavailableError(f"job {job!r}: {missing}")
+        raise UnavailableError(f"job {job!r}: the nodes of ranks {lost} lost this job's versions (see the error "
+                               "on those ranks); no version can be restored on every rank")
+    sets = [set(x[:n].tolist()) - {-1} for x in gathered]
     common = sorted(set.intersection(*sets), reverse=True)
     if not common and any(sets):
         raise UnavailableError(

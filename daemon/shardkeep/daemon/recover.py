@@ -56,14 +56,30 @@ async def rebuild(daemon: Any) -> dict:
     per_version = len(group.placement.data_stripes(group.node)) + len(group.placement.parity_stripes(group.node))
     daemon.recover_progress = {"state": "running", "versions": len(newest), "stripes_done": 0,
                                "stripes_total": per_version * len(newest), "bytes_fetched": 0}
-    done = []
+    done, failed = [], []
+    n, m = group.placement.n, group.placement.m
     for job, step in sorted(newest.items()):
         # only the nodes that hold this version can serve it (another replacement may be up, but empty)
+        holders = sorted(held[(job, step)])
+        lost = sorted(set(range(n)) - set(holders))
+        if len(lost) > m:
+            why = (f"job {job!r} step {step} (its newest group-level version) cannot be rebuilt: nodes {lost} "
+                   f"do not hold it (this node {group.node} among them), more than the group's parity "
+                   f"m={m} can recover; only nodes {holders} hold it")
+            daemon.unrecoverable[job] = why
+            failed.append(why)
+            continue
         try:
-            done.append(await _rebuild_version(daemon, job, step, sorted(held[(job, step)]), loop))
-        except BaseException:
+            done.append(await _rebuild_version(daemon, job, step, holders, loop))
+            daemon.unrecoverable.pop(job, None)
+        except BaseException as exc:
             daemon.recover_progress["state"] = "failed"
+            daemon.unrecoverable[job] = f"rebuilding job {job!r} step {step} failed: {exc}"
             raise
+    if failed:
+        daemon.recover_progress["state"] = "failed"
+        raise UnavailableError("; ".join(failed) + (f" (rebuilt: {[(v['job'], v['step']) for v in done]})"
+                                                      if done else ""))
     daemon.recover_progress["state"] = "done"
     return {"versions": done, "seconds": round(time.monotonic() - t0, 3)}
 

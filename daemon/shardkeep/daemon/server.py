@@ -65,6 +65,7 @@ class Daemon:
         self.fenced = ""
         self._group_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.recover_progress: dict = {}
+        self.unrecoverable: dict[str, str] = {}  # job -> why `recover` could not rebuild it here
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -271,7 +272,7 @@ class Daemon:
                 log.warning("rejected message: %s", err)
                 await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
                 continue
-            if msg.type in ("register", "wait", "recover"):
+            if msg.type in ("register", "wait", "recover") or (msg.type == "versions" and self.group is not None):
                 asyncio.create_task(self._reply_async(sock, envelope, msg))
             else:
                 reply = self._handle_sync(msg)
@@ -279,13 +280,14 @@ class Daemon:
 
     async def _reply_async(self, sock, envelope, msg: wire.Message) -> None:
         try:
-            handler = {"register": self.h_register, "wait": self.h_wait, "recover": self.h_recover}[msg.type]
+            handler = {"register": self.h_register, "wait": self.h_wait, "recover": self.h_recover,
+                       "versions": self.h_versions_group}[msg.type]
             fields = await handler(msg.fields)
             reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance})
         except ShardkeepError as exc:
             reply = self._error(msg, exc)
         except Exception as exc:  # never let one request take the daemon down
-            log.exception("register failed")
+            log.exception("%s failed", msg.type)
             reply = self._error(msg, ShardkeepError(f"internal error: {type(exc).__name__}: {exc}"))
         await sock.send_multipart(envelope + reply, copy=False)
 
@@ -485,6 +487,34 @@ class Daemon:
         if "rank" in f:
             rs = job.ranks.get(f["rank"])
             out["rank_steps"] = sorted(rs.committed()) if rs else []
+        return out
+
+    async def h_versions_group(self, f: dict[str, Any]) -> dict[str, Any]:
+        """``versions`` in a group: when this node holds nothing of the job, say why (a lost node)."""
+        out = self.h_versions(f, None)
+        if out["restorable"]:
+            return out
+        job = f["job"]
+        if job in self.unrecoverable:
+            out["missing"] = self.unrecoverable[job]
+            return out
+        async def inventory(j: int) -> list:
+            try:
+                r = await self.group.clients[j].request("inventory", {}, timeout=self.cfg.timeouts.heartbeat * 2)
+                return [(j, step) for jb, step in r.fields.get("versions", []) if jb == job]
+            except ShardkeepError:
+                return []
+
+        held: dict[int, list[int]] = {}
+        for found in await asyncio.gather(*(inventory(j) for j in self.group.live_peers())):
+            for j, step in found:
+                held.setdefault(step, []).append(j)
+        if held:
+            step = max(held)
+            out["missing"] = (
+                f"node {self.group.node} holds no version of job {job!r}, but nodes {sorted(held[step])} hold "
+                f"step {step} at group level: this node lost its memory or was replaced; run `shardkeep recover` "
+                "on it before restoring")
         return out
 
     def h_open(self, f, payload):
