@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import shardkeep_cmd
+from conftest import SHM, shardkeep_cmd
 from shardkeep.client import Snapshotter
 from shardkeep.proto.errors import UnavailableError
 from test_group_membership import all_up, free_ports, peers_arg, wait_until
@@ -135,3 +135,61 @@ def test_a_replacement_not_yet_recovered_refuses_to_restore_nothing(make_daemon,
     # a job the group never saw is simply new
     with Snapshotter(socket=rep.socket, job=job_id + "-new", rank=2, world_size=n, local_world_size=1) as snap:
         assert snap.restore({"w": torch.zeros(1000)}) is None
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_restarted_daemon_re_adopts_its_parity_and_a_later_node_loss_is_still_recovered(
+        make_daemon, job_id, how):
+    """Node 1's daemon restarts (shm survives); then node 2 is lost: rebuilding it needs node 1's parity."""
+    import signal
+
+    n, m = 3, 1
+    ports = free_ports(n)
+    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    g = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(250_000 + 999 * i, generator=g)} for i in range(n)]
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    try:
+        for step in (3, 4):
+            futs = [s.snapshot(st, step) for s, st in zip(snaps, states)]
+            assert [f.result(timeout=60).level for f in futs] == ["group"] * n
+    finally:
+        for s in snaps:
+            s.close()
+    before = sorted(p.name for p in ds[1].segments() if "-g-" in p.name)
+    assert len(before) == 2 and any("-g-parity-" in x for x in before) and any("-g-meta-" in x for x in before)
+    ds[1].kill(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    assert sorted(p.name for p in ds[1].segments() if "-g-" in p.name) == before
+    ds[1].start()
+    wait_until(lambda: all_up(ds), what="group up again")
+    job = ds[1].job_status(job_id)
+    assert job["group_committed"] == [4] and job["restorable"][0] == 4
+    (v,) = [v for v in ds[1].status()["group"]["versions"] if v["job"] == job_id]
+    assert v["group_committed"] and v["parity_stripes"] == [1]
+    assert ds[1].status()["dropped_bad_slots"] == 0
+    # now node 2 is lost for good
+    ds[2].kill()
+    ds[2].wipe_shm()
+    shutil.rmtree(ds[2].state_dir, ignore_errors=True)
+    rep = make_daemon(["--peers", peers_arg(ports[:2] + free_ports(1)), "--node", "2", *common])
+    wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="replacement joined")
+    r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"job {job_id} step 4" in r.stdout, r.stdout + r.stderr + rep.log()
+    out = {"w": torch.zeros_like(states[2]["w"])}
+    with Snapshotter(socket=rep.socket, job=job_id, rank=2, world_size=n, local_world_size=1) as snap:
+        assert snap.restore(out) == 4
+    assert torch.equal(out["w"], states[2]["w"])
+
+
+def test_group_leftovers_are_removed_when_a_daemon_starts_without_its_group(make_daemon, job_id):
+    d = make_daemon()
+    d.stop()
+    for name in (f"{d.prefix}-g-parity-{job_id}-3-abc", f"{d.prefix}-g-meta-{job_id}-3-abc",
+                 f"{d.prefix}-g-stage-{job_id}-4-abc"):
+        (SHM / name).write_bytes(b"x" * 100)
+    d.start()
+    assert [p for p in d.segments() if "-g-" in p.name] == []
+    assert d.status()["dropped_bad_slots"] == 0

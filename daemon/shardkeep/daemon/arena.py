@@ -222,7 +222,8 @@ class Segment:
     def view(self) -> memoryview:
         return memoryview(self.mm)
 
-    def destroy(self) -> None:
+    def close(self) -> None:
+        """Unmap and close; the segment stays in /dev/shm (for the next daemon to re-adopt)."""
         try:
             self.mm.close()
         except BufferError:
@@ -231,10 +232,30 @@ class Segment:
             os.close(self.fd)
         except OSError:
             pass
+
+    def destroy(self) -> None:
+        self.close()
         try:
             os.unlink(os.path.join(SHM_DIR, self.name))
         except FileNotFoundError:
             pass
+
+
+def open_segment(name: str, min_size: int) -> Segment:
+    """Map an existing plain segment found at start-up (ours, at least ``min_size`` bytes)."""
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionDeniedError(f"{path} is owned by uid {st.st_uid}, not the daemon's")
+        if st.st_size < max(min_size, 1):
+            raise IntegrityError(f"{path} has {st.st_size} bytes, expected at least {min_size}")
+        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Segment(name, st.st_size, fd, mm)
 
 
 def create_segment(name: str, size: int, what: str | None = None) -> Segment:

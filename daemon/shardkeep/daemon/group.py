@@ -147,8 +147,7 @@ class Group:
             except (asyncio.TimeoutError, Exception) as exc:
                 log.warning("closing %s: %r", what, exc)
         if self.gc is not None:
-            for key in list(self.gc.versions):
-                self.gc.release(*key)
+            self.gc.close_kept()  # group-level parity stays for the next daemon; the rest goes
         if self.codec_pool is not None:
             self.codec_pool.close()
         if self.pctx:

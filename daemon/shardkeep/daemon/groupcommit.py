@@ -33,15 +33,18 @@ import asyncio
 import collections
 import logging
 
-import msgpack
+import os
 import secrets
+
+import msgpack
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from shardkeep.proto.errors import ProtocolError, ShardkeepError, ShardkeepTimeoutError
+from shardkeep.proto.errors import IntegrityError, ProtocolError, ShardkeepError, ShardkeepTimeoutError
 from shardkeep.proto.faults import Phase, plan as fault_plan
 
-from .arena import Segment, create_segment
+from .arena import SHM_DIR, Segment, create_segment, open_segment
+from .groupmeta import MAX_RECORD, ParityRecord
 from .codec import CodecPool, CodecSpec, substripes
 from .stripes import Placement, chunk_bounds
 
@@ -78,6 +81,8 @@ class _Version:
     reason: str = ""
     preparing: asyncio.Task | None = None
     ready: bool = False          # segments exist: data pieces go straight to them
+    tag: str = ""
+    record: str = ""             # name of the saved ParityRecord (a restarted daemon re-adopts it)
 
 
 class GroupCommit:
@@ -238,6 +243,8 @@ class GroupCommit:
             v.committed.set_result(outcome == "commit")
         if outcome == "commit":
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
+            if v.parity is not None and not v.record:
+                self._spawn(self._save_record(v))
         else:
             log.warning("node %d: job %s step %d aborted at group level: %s", self.node, v.job, v.step, reason)
         if broadcast:
@@ -292,7 +299,7 @@ class GroupCommit:
         s_me = self.node  # the stripe this node encodes
         L = self.stripe_len(v, s_me)
         pad = self.padded(v, s_me)
-        tag = secrets.token_hex(3)
+        tag = v.tag = secrets.token_hex(3)
         v.staging = await loop.run_in_executor(
             self.executor, create_segment, f"{self.prefix}-stage-{v.job}-{v.step}-{tag}",
             self.p.k * L + (self.p.m - 1) * pad)
@@ -400,6 +407,82 @@ class GroupCommit:
         if len(v.acks) == self.p.n and self.coordinator() == self.node:
             self._decide(v, "commit", broadcast=True)
 
+    # --- surviving a restart of this daemon -------------------------------------------------
+
+    async def _save_record(self, v: _Version) -> None:
+        """Write the ParityRecord of a group-level version beside its parity (tmp name, then rename)."""
+        assert v.parity is not None
+        rec = ParityRecord(v.job, v.step, self.node, self.p.n, self.p.m, v.parity.name, dict(v.layout),
+                           dict(v.headers), dict(v.sizes), dict(v.manifests))
+        name = f"{self.prefix}-meta-{v.job}-{v.step}-{v.tag or secrets.token_hex(3)}"
+        await asyncio.get_running_loop().run_in_executor(self.executor, _write_file, name, rec.encode())
+        if (v.job, v.step) in self.versions and self.versions[(v.job, v.step)] is v:
+            v.record = name
+        else:  # released while we wrote
+            _unlink(name)
+
+    def adopt_saved(self, views_of: Callable[[str, int], list[memoryview] | None]) -> list[tuple[str, int]]:
+        """At start: re-adopt the parity of the newest group-level version of each job left in /dev/shm.
+
+        A record is kept only if it is intact, names this node of this group,
+        its parity segment is there, and this node's own data of the version
+        (``views_of``) was re-adopted; everything else of ours is removed.
+        """
+        found: dict[str, list[tuple[int, str, ParityRecord]]] = {}
+        names = sorted(n for n in os.listdir(SHM_DIR) if n.startswith(f"{self.prefix}-"))
+        for name in names:
+            if not name.startswith(f"{self.prefix}-meta-"):
+                continue
+            try:
+                with open(os.path.join(SHM_DIR, name), "rb") as fh:
+                    rec = ParityRecord.decode(fh.read(MAX_RECORD + 1))
+                if (rec.node, rec.n, rec.m) != (self.node, self.p.n, self.p.m):
+                    raise IntegrityError(f"record of node {rec.node} of a group ({rec.n}, {rec.m})")
+                if not rec.parity.startswith(f"{self.prefix}-parity-"):
+                    raise IntegrityError(f"record names a foreign segment {rec.parity!r}")
+                if set(rec.layout) != {s for s, _ in self.p.parity_stripes(self.node)}:
+                    raise IntegrityError("record's parity stripes are not this node's")
+            except (OSError, IntegrityError) as exc:
+                log.warning("node %d: dropping parity record %s: %s", self.node, name, exc)
+                continue
+            found.setdefault(rec.job, []).append((rec.step, name, rec))
+        kept: set[str] = set()
+        adopted = []
+        for job, recs in found.items():
+            for step, name, rec in sorted(recs, key=lambda t: t[0], reverse=True):
+                views = views_of(job, step)
+                if views is None or sum(len(x) for x in views) != rec.sizes.get(self.node):
+                    log.warning("node %d: parity of job %s step %d left without its local data: dropped",
+                                self.node, job, step)
+                    continue
+                try:
+                    parity = open_segment(rec.parity, rec.parity_bytes())
+                except (OSError, ShardkeepError) as exc:
+                    log.warning("node %d: parity segment of job %s step %d: %s", self.node, job, step, exc)
+                    continue
+                self.adopt_rebuilt(job, step, rec.sizes, rec.manifests, views, parity, rec.layout, rec.headers)
+                self.versions[(job, step)].record = name
+                kept |= {name, rec.parity}
+                adopted.append((job, step))
+                log.info("node %d: re-adopted parity of job %s step %d (stripes %s)", self.node, job, step,
+                         sorted(rec.layout))
+                break
+        for name in names:  # staging, rebuild scratch, older or orphaned parity
+            if name not in kept:
+                _unlink(name)
+        return adopted
+
+    def close_kept(self) -> None:
+        """On a clean stop: group-level versions keep their parity in /dev/shm; the rest goes."""
+        for key, v in list(self.versions.items()):
+            if v.decided == "commit" and v.record and v.parity is not None:
+                v.parity.close()
+                self.versions.pop(key)
+                if v.staging is not None:
+                    v.staging.destroy()
+            else:
+                self.release(*key)
+
     # --- what a rebuild needs -------------------------------------------------------------------
 
     def inventory(self) -> list[list]:
@@ -461,6 +544,8 @@ class GroupCommit:
         for seg in (v.staging, v.parity):
             if seg is not None:
                 seg.destroy()
+        if v.record:
+            _unlink(v.record)
 
     def abandon(self, job: str, step: int) -> None:
         """Give up on (job, step): free its segments and ignore what still arrives for it."""
@@ -468,6 +553,26 @@ class GroupCommit:
         self.abandoned[(job, step)] = True
         while len(self.abandoned) > 4096:
             self.abandoned.popitem(last=False)
+
+
+def _write_file(name: str, data: bytes) -> None:
+    path = os.path.join(SHM_DIR, name)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
 
 
 def _slices(views: list[memoryview], start: int, end: int):

@@ -88,8 +88,14 @@ class Daemon:
             self._lockfds.append((path, fd))
 
     def _segment_names(self) -> list[str]:
-        head = f"{self.cfg.shm_prefix}-"
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(head))
+        """Slot segments (group segments, ``<prefix>-g-*``, are the group's to re-adopt or remove)."""
+        head, group = f"{self.cfg.shm_prefix}-", f"{self.cfg.shm_prefix}-g-"
+        names = sorted(n for n in os.listdir(SHM_DIR) if n.startswith(head))
+        if not self.cfg.peers:  # no group any more: its leftovers are of no use
+            for n in names:
+                if n.startswith(group):
+                    _unlink(n)
+        return [n for n in names if not n.startswith(group)]
 
     async def adopt(self) -> None:
         """Re-adopt committed slots left by an earlier daemon; drop anything unverifiable."""
@@ -194,6 +200,8 @@ class Daemon:
             codec = await loop.run_in_executor(self._pool, pick_ec_type)
             self.group = Group(self.cfg, self.instance, codec, self._fenced)
             await self.group.setup_codec(loop, self._pool)
+            for job, step in self.group.gc.adopt_saved(self._payload):
+                self.jobs[job].group_recorded = [step]
             await self.group.start()
         sock = self._bind()
         loop = asyncio.get_running_loop()
@@ -430,11 +438,19 @@ class Daemon:
         return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history,
                 "group": self.group is not None}
 
+    def _payload(self, job_id: str, step: int) -> list[memoryview] | None:
+        """This node's payload of (job, step): its ranks' data regions in rank order (None if not whole)."""
+        job = self.jobs.get(job_id)
+        if job is None or step not in job.restorable():
+            return None
+        slots = [job.find(r, step) for r in job.local_ranks()]
+        return [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + s.manifest.data_bytes]
+                for s in slots]
+
     def _group_commit(self, job: JobState, step: int) -> None:
         """Erasure-code this node's part of (job, step) across the group, in the background."""
         slots = [job.find(r, step) for r in job.local_ranks()]
-        views = [memoryview(s.mm)[s.header.data_offset : s.header.data_offset + s.manifest.data_bytes]
-                 for s in slots]
+        views = self._payload(job.job, step)
         manifests = msgpack.packb({
             s.header.rank: bytes(s.mm[s.header.manifest_offset : s.header.manifest_offset + s.header.manifest_len])
             for s in slots}, use_bin_type=True)
