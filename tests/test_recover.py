@@ -193,3 +193,45 @@ def test_group_leftovers_are_removed_when_a_daemon_starts_without_its_group(make
     d.start()
     assert [p for p in d.segments() if "-g-" in p.name] == []
     assert d.status()["dropped_bad_slots"] == 0
+
+
+@pytest.mark.parametrize("mode", ["curve", "encrypt-data"])
+def test_group_commit_and_recover_over_curve(make_daemon, job_id, tmp_path, mode):
+    """The default peer security (CURVE control, BLAKE3-tagged data) and full encryption carry the
+    whole group commit and rebuild; the replacement holds the lost node's key at a new address."""
+    kdir = tmp_path / "keys"
+    r = subprocess.run(shardkeep_cmd("keygen", "--nodes", "3", str(kdir)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    n, m = 3, 1
+
+    def flags(i: int) -> list[str]:
+        extra = ["--encrypt-data"] if mode == "encrypt-data" else []
+        return ["--node", str(i), "--parity", str(m), "--peer-timeout", "3", "--group-commit-timeout", "20",
+                "--curve-secret", str(kdir / f"node-{i}.key_secret"), "--curve-public-dir", str(kdir), *extra]
+
+    ports = free_ports(n)
+    ds = [make_daemon(["--peers", peers_arg(ports), *flags(i)]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up over CURVE")
+    assert ds[0].status()["group"]["security"] == mode
+    g = torch.Generator().manual_seed(9)
+    states = [{"w": torch.randn(400_000 + 13 * i, generator=g)} for i in range(n)]
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    try:
+        futs = [s.snapshot(st, 1) for s, st in zip(snaps, states)]
+        assert [f.result(timeout=60).level for f in futs] == ["group"] * n
+    finally:
+        for s in snaps:
+            s.close()
+    assert all(d.status()["group"]["forged_data_frames_dropped"] == 0 for d in ds)
+    ds[0].kill()  # the coordinator's node, for good
+    ds[0].wipe_shm()
+    shutil.rmtree(ds[0].state_dir, ignore_errors=True)
+    rep = make_daemon(["--peers", peers_arg(free_ports(1) + ports[1:]), *flags(0)])
+    wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="replacement accepted")
+    r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"job {job_id} step 1" in r.stdout, r.stdout + r.stderr + rep.log()
+    out = {"w": torch.zeros_like(states[0]["w"])}
+    with Snapshotter(socket=rep.socket, job=job_id, rank=0, world_size=n, local_world_size=1) as snap:
+        assert snap.restore(out) == 1
+    assert torch.equal(out["w"], states[0]["w"])
