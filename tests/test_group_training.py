@@ -117,9 +117,15 @@ def settled_group_step(survivors, job_id: str) -> int:
         return all(v["decision"] != "pending" for d in survivors for v in d.status()["group"]["versions"]
                    if v["job"] == job_id)
     wait_until(settled, timeout=60, what="survivors decided every version")
-    tops = {d.prefix: (d.job_status(job_id)["group_committed"] or [None])[0] for d in survivors}
-    assert len(set(tops.values())) == 1, f"survivors disagree on the newest group-level step: {tops}"
-    top = next(iter(tops.values()))
+
+    def tops() -> dict:
+        return {d.prefix: (d.job_status(job_id)["group_committed"] or [None])[0] for d in survivors}
+
+    try:  # a decision reaches the job's record a moment after the group commit's state
+        wait_until(lambda: len(set(tops().values())) == 1, timeout=10, what="one newest group-level step")
+    except AssertionError:
+        raise AssertionError(f"survivors disagree on the newest group-level step: {tops()}") from None
+    top = next(iter(tops().values()))
     assert top is not None, "no version reached group level before the loss"
     for d in survivors:  # that version is whole on every survivor
         assert top in d.job_status(job_id)["restorable"], d.job_status(job_id)

@@ -16,6 +16,7 @@ import secrets
 import pytest
 
 from shardkeep.daemon.codec import CodecPool, make_spec
+from shardkeep.daemon import groupcommit
 from shardkeep.daemon.groupcommit import GroupCommit
 from shardkeep.daemon.peerlink import (
     ControlClient,
@@ -44,7 +45,13 @@ class Node:
         self.data_ep = await self.data.start()
 
     def on_control(self, msg) -> None:
-        self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
+        if msg.type == "pull":
+            self.gc._spawn(self.gc.serve_pull(msg.src, msg.fields))
+        else:
+            self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
+
+    async def tell(self, j: int, mtype: str, fields: dict) -> None:
+        await self.clients[j].send(mtype, fields, timeout=10)
 
     def on_data(self, msg) -> None:
         self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
@@ -102,7 +109,7 @@ async def run_group(n: int, m: int, sizes: list[int], prefix: str, pool: CodecPo
                 nd.data.set_send_key(j, key)
                 nodes[j].data.set_recv_key(nd.i, key)
                 nd.data.connect(j, nodes[j].data_ep)
-        nd.gc = GroupCommit(nd.i, p, spec, pool, f"{prefix}-n{nd.i}", nd.send_data, nd.broadcast)
+        nd.gc = GroupCommit(nd.i, p, spec, pool, f"{prefix}-n{nd.i}", nd.send_data, nd.broadcast, tell=nd.tell)
     payloads = [secrets.token_bytes(sz) for sz in sizes]
     views = [nd.payload(prefix, sizes[nd.i], payloads[nd.i]) for nd in nodes]
     manifests = [f"manifests of node {i}".encode() * (i + 1) for i in range(n)]
@@ -165,13 +172,19 @@ async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[by
             assert got == exp, f"stripe {s}: {out} rebuilt wrong after losing {lost}"
 
 
-@pytest.mark.parametrize("n,m,sizes", [
-    (4, 1, [3_000_001, 1_234_567, 5, 2_000_000]),
-    (5, 2, [2_500_003, 0, 1_999_999, 777, 3_100_000]),
-    (3, 1, [1 << 20, (1 << 20) + 1, 3]),
+@pytest.mark.parametrize("n,m,sizes,small_ring", [
+    (4, 1, [3_000_001, 1_234_567, 5, 2_000_000], False),
+    (5, 2, [2_500_003, 0, 1_999_999, 777, 3_100_000], False),
+    (3, 1, [1 << 20, (1 << 20) + 1, 3], False),
+    # many rows through a ring of two: rows are reused while later ones are pulled
+    (4, 1, [9_000_001, 8_500_000, 1, 7_777_777], True),
+    (5, 2, [6_000_000, 5_999_999, 0, 4_000_001, 6_100_000], True),
 ])
-def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes):
+def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes, small_ring, monkeypatch):
     prefix = f"sktgc{secrets.token_hex(3)}"
+    if small_ring:
+        monkeypatch.setattr(groupcommit, "ROW_BYTES", 1)        # one codec piece per row
+        monkeypatch.setattr(groupcommit, "RING_BYTES", 1)       # the minimum: two rows
 
     async def main():
         pool = CodecPool(workers=2)
@@ -180,6 +193,8 @@ def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes):
             p, spec, nodes, payloads = await run_group(n, m, sizes, prefix, pool)
             for v in (nd.gc.versions[("job", 7)] for nd in nodes):
                 assert v.acks == set(range(n)) and v.committed.done()
+                if small_ring:
+                    assert v.window == 2 and v.rows > 4, (v.window, v.rows)
             for r in range(1, m + 1):
                 for lost in itertools.combinations(range(n), r):
                     await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix)

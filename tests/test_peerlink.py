@@ -612,7 +612,7 @@ def test_data_plane_encrypt_data_mode(keydir):
 
 def test_peer_schema_table_is_complete():
     want = {"hello", "heartbeat", "local-commit", "skip", "chunk", "parity", "ack", "committed",
-            "abort", "finish", "persist-done", "fetch", "inventory", "outcome"}
+            "abort", "finish", "persist-done", "fetch", "inventory", "outcome", "pull"}
     assert set(PEER_SCHEMAS) == want
     assert DATA_KINDS == {"chunk", "parity", "fetch-reply"}
 

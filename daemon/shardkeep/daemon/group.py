@@ -79,7 +79,13 @@ class Group:
         t = self.cfg.timeouts
         self.gc = GroupCommit(self.node, self.placement, spec, self.codec_pool, f"{self.cfg.shm_prefix}-g",
                               self._send_data, self._broadcast, executor, coordinator=self.coordinator,
-                              ask=self._ask, live=self.live_peers, resolve_timeout=t.peer_down * 2 + 5)
+                              ask=self._ask, tell=self._tell, live=self.live_peers,
+                              resolve_timeout=t.peer_down * 2 + 5)
+
+    async def _tell(self, j: int, mtype: str, fields: dict) -> None:
+        """A one-way control message to one peer."""
+        await self.clients[j].send(mtype, {**fields, "gen": self.membership.gen},
+                                   timeout=self.cfg.timeouts.heartbeat * 2)
 
     def live_peers(self) -> list[int]:
         return [j for j in self.membership.peers if self.peer_up(j)]
@@ -267,6 +273,9 @@ class Group:
         if msg.type in ("local-commit", "ack", "committed", "abort") and self.gc is not None:
             self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
             return None
+        if msg.type == "pull" and self.gc is not None:
+            self.gc._spawn(self.gc.serve_pull(msg.src, msg.fields))
+            return None
         if msg.type == "outcome" and self.gc is not None:
             return {"outcome": self.gc.outcome(msg.fields["job"], msg.fields["step"])}
         if msg.type == "inventory" and self.gc is not None:
@@ -337,7 +346,9 @@ class Group:
             "versions": [
                 {"job": job, "step": step, "sizes_from": sorted(v.sizes), "manifests_from": sorted(v.manifests),
                  "parity_stripes": sorted(v.stored), "acks_from": sorted(v.acks),
-                 "decision": v.decided or "pending", "group_committed": v.decided == "commit"}
+                 "decision": v.decided or "pending", "group_committed": v.decided == "commit",
+                 "timing": self.gc.timing(v)}
                 for (job, step), v in sorted(self.gc.versions.items())
             ] if self.gc is not None else [],
+            "recent_commits": list(self.gc.recent) if self.gc is not None else [],
         }

@@ -35,6 +35,7 @@ import logging
 
 import os
 import secrets
+import time
 
 import msgpack
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class GroupCommitAborted(ShardkeepError):
     """The coordinator aborted the group commit of a version (it stays at local level)."""
 
 PIECE = 4 << 20  # bytes per data-plane message
+ROW_BYTES = 4 << 20  # per data chunk and ring row of the encoder (whole codec pieces)
+RING_BYTES = 64 << 20  # the encoder's staging ring, at most (at least 2 rows)
 
 
 @dataclass
@@ -64,11 +67,8 @@ class _Version:
     sizes: dict[int, int] = field(default_factory=dict)
     manifests: dict[int, bytes] = field(default_factory=dict)  # node -> its ranks' manifests (opaque here)
     views: list[memoryview] | None = None
-    sent: bool = False
     staging: Segment | None = None
-    staged: dict[int, int] = field(default_factory=dict)
     early: list[tuple[str, dict, bytes]] = field(default_factory=list)
-    encoded: bool = False
     parity: Segment | None = None
     layout: dict[int, tuple[int, int]] = field(default_factory=dict)   # stripe -> (offset, padded len)
     parity_got: dict[int, int] = field(default_factory=dict)
@@ -82,6 +82,18 @@ class _Version:
     preparing: asyncio.Task | None = None
     ready: bool = False          # segments exist: data pieces go straight to them
     tag: str = ""
+    row: int = 0                 # encoder: bytes of each data chunk per ring row
+    rows: int = 0
+    window: int = 0              # rows in the ring
+    row_need: dict[int, int] = field(default_factory=dict)
+    row_got: dict[int, int] = field(default_factory=dict)
+    row_headers: dict[int, bytes] = field(default_factory=dict)
+    rows_done: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    t_sizes: float = 0.0
+    t_encode0: float = 0.0
+    t_encode1: float = 0.0
+    encode_s: float = 0.0        # summed time of the row encodes
     record: str = ""             # name of the saved ParityRecord (a restarted daemon re-adopts it)
 
 
@@ -90,6 +102,7 @@ class GroupCommit:
                  send_data: Callable[..., Awaitable[Any]], broadcast: Callable[..., Awaitable[None]],
                  executor: Any = None, *, coordinator: Callable[[], int] | None = None,
                  ask: Callable[[int, str, dict], Awaitable[dict]] | None = None,
+                 tell: Callable[[int, str, dict], Awaitable[None]] | None = None,
                  live: Callable[[], list[int]] | None = None, resolve_timeout: float = 15.0) -> None:
         if spec.k != placement.k or spec.m != placement.m:
             raise ValueError("codec spec and placement disagree on k and m")
@@ -98,11 +111,13 @@ class GroupCommit:
         # who decides (the lowest live node), how to ask a peer, which peers are up
         self.coordinator = coordinator or (lambda: 0)
         self.ask = ask
+        self.tell = tell or _no_tell
         self.live = live or (lambda: [])
         self.resolve_timeout = resolve_timeout
         self.faults = fault_plan()
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step): late messages dropped
+        self.recent: collections.deque = collections.deque(maxlen=32)  # timing of the last decided versions
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,7 +177,7 @@ class GroupCommit:
         except asyncio.TimeoutError:
             why = (f"group commit of job {job!r} step {step} on node {self.node} did not finish in {timeout:.0f}s "
                    f"(sizes from {sorted(v.sizes)}, parity stored for stripes {sorted(v.stored)}, "
-                   f"acks from {sorted(v.acks)}, staged {v.staged}, early {len(v.early)}, encoded {v.encoded})")
+                   f"acks from {sorted(v.acks)}, rows encoded {v.rows_done} of {v.rows}, early {len(v.early)})")
             if self.coordinator() == self.node:
                 self._decide(v, "commit" if len(v.acks) == self.p.n else "abort", broadcast=True, reason=why)
             elif not v.acked:
@@ -208,7 +223,10 @@ class GroupCommit:
                              reason=f"no decision within {self.resolve_timeout:.0f}s from coordinator "
                                     f"node {self.coordinator()}")
                 break
-            await asyncio.sleep(0.5)
+            try:
+                await asyncio.wait_for(asyncio.shield(v.committed), 0.5)
+            except asyncio.TimeoutError:
+                pass
 
     async def _ask_outcomes(self, v: _Version) -> set[str]:
         if self.ask is None:
@@ -241,6 +259,7 @@ class GroupCommit:
         v.decided, v.reason = outcome, reason
         if v.committed is not None and not v.committed.done():
             v.committed.set_result(outcome == "commit")
+        self.recent.append(self.timing(v))
         if outcome == "commit":
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
             if v.parity is not None and not v.record:
@@ -294,15 +313,20 @@ class GroupCommit:
         v.preparing = self._spawn(self._prepare(v))
 
     async def _prepare(self, v: _Version) -> None:
-        """All sizes known: create staging and parity segments, then send our chunks."""
+        """All sizes known: create the staging ring and the parity segment, then pull the first rows."""
         loop = asyncio.get_running_loop()
-        s_me = self.node  # the stripe this node encodes
-        L = self.stripe_len(v, s_me)
-        pad = self.padded(v, s_me)
+        me = self.node  # the stripe this node encodes
+        L = self.stripe_len(v, me)
         tag = v.tag = secrets.token_hex(3)
-        v.staging = await loop.run_in_executor(
-            self.executor, create_segment, f"{self.prefix}-stage-{v.job}-{v.step}-{tag}",
-            self.p.k * L + (self.p.m - 1) * pad)
+        v.t_sizes = time.monotonic()
+        k, m = self.p.k, self.p.m
+        v.row = self.row_bytes()
+        v.rows = -(-L // v.row)
+        v.window = max(1, min(v.rows, self.ring_rows()))
+        if v.rows:
+            v.staging = await loop.run_in_executor(
+                self.executor, create_segment, f"{self.prefix}-stage-{v.job}-{v.step}-{tag}",
+                v.window * (k + m - 1) * v.row)
         off = 0
         for s, _ in self.p.parity_stripes(self.node):
             v.layout[s] = (off, self.padded(v, s))
@@ -313,35 +337,128 @@ class GroupCommit:
         early, v.early = v.early, []
         for kind, meta, payload in early:
             self._store(v, kind, meta, memoryview(payload))
-        self._maybe_encode(v)
-        await self._send_chunks(v)
+        if not v.rows:
+            self._spawn(self._finish_stripe(v))
+        for q in range(v.window):
+            self._pull(v, q)
 
-    async def _send_chunks(self, v: _Version) -> None:
-        assert v.views is not None
-        for s in self.p.data_stripes(self.node):
-            a, b = self._chunk(v, self.node, s)
-            index = self.p.data_index(s, self.node)
-            for off in range(a, b, PIECE):
-                self.faults.hit(Phase.CHUNK_SEND)
-                for piece_off, mv in _slices(v.views, off, min(off + PIECE, b)):
-                    await self.send_data(self.p.encoder(s), "chunk",
-                                         {"job": v.job, "step": v.step, "stripe": s, "index": index,
-                                          "offset": piece_off - a}, mv)
-        v.sent = True
+    # --- the encoder of stripe `node`: a bounded ring of rows, pulled from the data holders -----
+
+    def row_bytes(self) -> int:
+        """Bytes of one data chunk per ring row: whole codec pieces, about ROW_BYTES."""
+        piece = self.spec.piece
+        return max(1, ROW_BYTES // piece) * piece
+
+    def ring_rows(self) -> int:
+        per_row = (self.p.k + self.p.m - 1) * self.row_bytes()
+        return max(2, min(8, RING_BYTES // per_row))
+
+    def _row_bytes_of(self, v: _Version, holder: int, q: int) -> int:
+        a, b = self._chunk(v, holder, self.node)
+        return max(0, min(v.row, (b - a) - q * v.row))
+
+    def _pull(self, v: _Version, q: int) -> None:
+        """Ask every data holder for its bytes of row ``q``; they arrive as ``chunk`` data messages."""
+        need = 0
+        for h in self.p.data_holders(self.node):
+            n = self._row_bytes_of(v, h, q)
+            need += n
+            if n:
+                self._spawn(self.tell(h, "pull", {"job": v.job, "step": v.step, "stripe": self.node,
+                                                  "offset": q * v.row, "length": n}))
+        v.row_need[q] = need
+        v.row_got.setdefault(q, 0)
+        if need == 0:
+            self._spawn(self._encode_row(v, q))
+
+    async def serve_pull(self, src: int, f: dict) -> None:
+        """A data holder: send bytes [offset, offset+length) of our chunk of the stripe to its encoder."""
+        v = self.versions.get((f["job"], f["step"]))
+        s, off, n = f["stripe"], f.get("offset", 0), f.get("length", 0)
+        if v is None or v.views is None or (f["job"], f["step"]) in self.abandoned:
+            raise ProtocolError(f"node {self.node} is not committing job {f['job']!r} step {f['step']}")
+        if src != self.p.encoder(s) or s not in self.p.data_stripes(self.node):
+            raise ProtocolError(f"node {src} does not encode stripe {s}, or node {self.node} holds no data in it")
+        a, b = self._chunk(v, self.node, s)
+        if not (0 <= off and 0 < n and off + n <= b - a):
+            raise ProtocolError(f"pull of bytes {off}+{n} of a {b - a}-byte chunk")
+        self.faults.hit(Phase.CHUNK_SEND)
+        index = self.p.data_index(s, self.node)
+        for start in range(a + off, a + off + n, PIECE):
+            for piece_off, mv in _slices(v.views, start, min(start + PIECE, a + off + n)):
+                await self.send_data(src, "chunk", {"job": v.job, "step": v.step, "stripe": s, "index": index,
+                                                    "offset": piece_off - a}, mv)
+
+    def _ring(self, v: _Version, q: int, i: int) -> int:
+        """Offset in the staging ring of fragment ``i`` (data 0..k-1, parity 1..m-1 as k..) of row q."""
+        return (q % v.window) * (self.p.k + self.p.m - 1) * v.row + i * v.row
+
+    async def _encode_row(self, v: _Version, q: int) -> None:
+        k, m, me = self.p.k, self.p.m, self.node
+        st, par = v.staging, v.parity
+        assert st is not None and par is not None
+        n_q = min(v.row, self.stripe_len(v, me) - q * v.row)
+        prow = substripes(n_q, self.spec.piece) * self.spec.piece
+        base, _ = v.layout[me]
+        data = []
+        for i, h in enumerate(self.p.data_holders(me)):
+            n = self._row_bytes_of(v, h, q)
+            data.append([(st.name, self._ring(v, q, i), n)] if n else [])
+        out = [[(par.name, base + q * v.row, prow)]] + [[(st.name, self._ring(v, q, k + j - 1), prow)]
+                                                      for j in range(1, m)]
+        if q == 0:
+            self.faults.hit(Phase.ENCODE)
+        t0 = time.monotonic()
+        v.t_encode0 = v.t_encode0 or t0
+        v.row_headers[q] = await self.pool.encode(self.spec, data, n_q, out)
+        v.encode_s += time.monotonic() - t0
+        for j, holder in enumerate(self.p.parity_holders(me)[1:], start=1):
+            at = self._ring(v, q, k + j - 1)
+            for off in range(0, prow, PIECE):
+                n = min(PIECE, prow - off)
+                # a copy: the ring row is reused before ZeroMQ has necessarily sent it
+                await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": me,
+                                                        "offset": q * v.row + off},
+                                     bytes(st.mm[at + off : at + off + n]))
+        v.rows_done += 1
+        nxt = q + v.window
+        if nxt < v.rows and v.staging is not None:
+            self._pull(v, nxt)
+        if v.rows_done == v.rows:
+            v.t_encode1 = time.monotonic()
+            await self._finish_stripe(v)
+
+    async def _finish_stripe(self, v: _Version) -> None:
+        """Every row encoded: the headers go to the other parity holders; our parity is stored."""
+        me = self.node
+        headers = b"".join(v.row_headers[q] for q in range(v.rows))
+        v.headers[me] = headers
+        for holder in self.p.parity_holders(me)[1:]:
+            await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": me, "headers": True},
+                                 headers)
+        v.parity_got[me] = v.layout[me][1]
+        if v.staging is not None:
+            v.staging.destroy()
+            v.staging = None
+        self._stored(v, me)
 
     def _store(self, v: _Version, kind: str, meta: dict, payload: memoryview) -> None:
         s = meta["stripe"]
         if kind == "chunk":
             if s != self.node or v.staging is None:
-                raise ProtocolError(f"node {self.node} does not encode stripe {s}")
-            index, off = meta["index"], meta["offset"]
-            L = self.stripe_len(v, s)
-            if not (0 <= index < self.p.k and 0 <= off and off + len(payload) <= L):
-                raise ProtocolError(f"chunk piece out of range: index {index}, offset {off}, {len(payload)} bytes")
-            base = index * L + off
-            v.staging.mm[base : base + len(payload)] = payload
-            v.staged[index] = v.staged.get(index, 0) + len(payload)
-            self._maybe_encode(v)
+                raise ProtocolError(f"node {self.node} does not encode stripe {s} of {v.job!r} step {v.step}")
+            index, off, n = meta["index"], meta["offset"], len(payload)
+            q = off // v.row if v.row else -1
+            if not (0 <= index < self.p.k and 0 <= off and q in v.row_need and v.row_got[q] < v.row_need[q]):
+                raise ProtocolError(f"chunk piece index {index} offset {off} was not pulled")
+            r = off - q * v.row
+            if r + n > self._row_bytes_of(v, self.p.data_holders(s)[index], q):
+                raise ProtocolError(f"chunk piece out of range: index {index}, offset {off}, {n} bytes")
+            at = self._ring(v, q, index) + r
+            v.staging.mm[at : at + n] = payload
+            v.row_got[q] += n
+            if v.row_got[q] == v.row_need[q]:
+                self._spawn(self._encode_row(v, q))
         elif kind == "parity":
             if s not in v.layout or v.parity is None:
                 raise ProtocolError(f"node {self.node} holds no parity of stripe {s}")
@@ -357,41 +474,6 @@ class GroupCommit:
             if v.parity_got.get(s, 0) == v.layout[s][1] and s in v.headers:
                 self._stored(v, s)
 
-    def _maybe_encode(self, v: _Version) -> None:
-        s = self.node
-        if v.encoded or v.staging is None:
-            return
-        need = [b - a for a, b in (self._chunk(v, h, s) for h in self.p.data_holders(s))]
-        if all(v.staged.get(i, 0) == n for i, n in enumerate(need)):
-            v.encoded = True
-            self._spawn(self._encode(v, need))
-
-    async def _encode(self, v: _Version, need: list[int]) -> None:
-        s = self.node
-        L, pad = self.stripe_len(v, s), self.padded(v, s)
-        st = v.staging
-        assert st is not None and v.parity is not None
-        base, _ = v.layout[s]
-        data = [[(st.name, i * L, n)] if n else [] for i, n in enumerate(need)]
-        out = [[(v.parity.name, base, pad)]] + [[(st.name, self.p.k * L + (j - 1) * pad, pad)]
-                                               for j in range(1, self.p.m)]
-        self.faults.hit(Phase.ENCODE)
-        headers = await self.pool.encode(self.spec, data, L, out) if L else b""
-        v.headers[s] = headers
-        for j, holder in enumerate(self.p.parity_holders(s)[1:], start=1):
-            start = self.p.k * L + (j - 1) * pad
-            for off in range(0, pad, PIECE):
-                n = min(PIECE, pad - off)
-                # a copy: the staging segment goes away before ZeroMQ has necessarily sent it
-                await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": s, "offset": off},
-                                     bytes(st.mm[start + off : start + off + n]))
-            await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": s, "headers": True},
-                                 headers)
-        v.parity_got[s] = pad
-        st.destroy()
-        v.staging = None
-        self._stored(v, s)
-
     def _stored(self, v: _Version, s: int) -> None:
         self.faults.hit(Phase.PARITY_STORE)  # parity of stripe s is complete here (received or encoded)
         v.stored.add(s)
@@ -406,6 +488,21 @@ class GroupCommit:
     def _check_committed(self, v: _Version) -> None:
         if len(v.acks) == self.p.n and self.coordinator() == self.node:
             self._decide(v, "commit", broadcast=True)
+
+    def timing(self, v: _Version) -> dict:
+        """Where the time of one version went on this node (seconds; bytes of this node's encode)."""
+        now = time.monotonic()
+        L = self.stripe_len(v, self.node) if len(v.sizes) == self.p.n else 0
+        enc = (v.t_encode1 - v.t_encode0) if v.t_encode1 else None
+        return {
+            "job": v.job, "step": v.step, "decision": v.decided or "pending",
+            "since_start_s": round(now - v.t0, 4),
+            "sizes_known_s": round(v.t_sizes - v.t0, 4) if v.t_sizes else None,
+            "encode_in_bytes": self.p.k * L, "parity_bytes": sum(n for _, n in v.layout.values()),
+            "encode_wall_s": None if enc is None else round(enc, 4),
+            "encode_busy_s": round(v.encode_s, 4), "rows": v.rows, "ring_rows": v.window,
+            "staging_bytes": v.staging.size if v.staging is not None else None,
+        }
 
     # --- surviving a restart of this daemon -------------------------------------------------
 
@@ -521,7 +618,7 @@ class GroupCommit:
         v = self._v(job, step)
         v.sizes, v.manifests, v.views = dict(sizes), dict(manifests), views
         v.parity, v.layout, v.headers = parity, dict(layout), dict(headers)
-        v.stored, v.acks, v.acked, v.ready, v.encoded, v.sent = set(layout), set(range(self.p.n)), True, True, True, True
+        v.stored, v.acks, v.acked, v.ready = set(layout), set(range(self.p.n)), True, True
         self._decide(v, "commit", broadcast=False)
 
     def manifests_of(self, job: str, step: int) -> dict[int, bytes]:
@@ -553,6 +650,10 @@ class GroupCommit:
         self.abandoned[(job, step)] = True
         while len(self.abandoned) > 4096:
             self.abandoned.popitem(last=False)
+
+
+async def _no_tell(j: int, mtype: str, fields: dict) -> None:
+    raise RuntimeError("this GroupCommit was built without a way to message one peer (tell=)")
 
 
 def _write_file(name: str, data: bytes) -> None:

@@ -165,6 +165,8 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "local-commit": ({"job": _job, "step": STEP},
                      {"history": HISTORY, "ranks": _list(RANK, 1 << 16), "bytes": SIZE}, 1),
     "skip": ({"job": _job, "step": STEP}, {"history": HISTORY, "ranks": _list(RANK, 1 << 16), "reason": REASON}, 0),
+    # the encoder of a stripe asks a data holder for bytes of its chunk (they come back as data "chunk")
+    "pull": ({"job": _job, "step": STEP, "stripe": NODE, "offset": SIZE, "length": SIZE}, {"history": HISTORY}, 0),
     "chunk": ({"job": _job, "step": STEP, "stripe": NODE},
               {"history": HISTORY, "offset": SIZE, "length": SIZE, "total": SIZE, "last": _bool}, 1),
     "parity": ({"job": _job, "step": STEP, "stripe": NODE},
