@@ -20,77 +20,94 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: daemon flag (argparse dest) -> config key; every flag defaults to None = not given
+_FLAG_KEYS = {
+    "socket": "socket", "shm_prefix": "shm_prefix", "memory_limit": "memory_limit", "state_dir": "state_dir",
+    "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "peers": "peers", "node": "node",
+    "parity": "parity", "data_port": "data_port", "advertise": "advertise", "curve_secret": "curve_secret",
+    "curve_public_dir": "curve_public_dir", "insecure": "insecure", "encrypt_data": "encrypt_data",
+    "heartbeat": "timeouts.heartbeat", "peer_timeout": "timeouts.peer_down",
+    "group_commit_timeout": "timeouts.group_commit", "request_timeout": "timeouts.client_request",
+    "rebuild_timeout": "timeouts.rebuild_chunk", "pin_lease": "timeouts.pin_lease",
+}
+
+
 def add_daemon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", default=None,
-                   help="ipc socket path for trainers (default: $SHARDKEEP_SOCKET, else %(default)s)"
-                   .replace("%(default)s", default_socket()))
-    p.add_argument("--shm-prefix", default=os.environ.get("SHARDKEEP_SHM_PREFIX", "shardkeep"),
-                   help="name prefix of this daemon's /dev/shm segments (default: %(default)s)")
-    p.add_argument("--memory-limit", type=_size, default=os.environ.get("SHARDKEEP_MEMORY_LIMIT"),
+    t = Timeouts()
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of settings (keys as in --print-config); SHARDKEEP_<KEY> environment "
+                        "variables override it, flags override both")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    p.add_argument("--socket", help=f"ipc socket path for trainers (default: $SHARDKEEP_SOCKET, else {default_socket()})")
+    p.add_argument("--shm-prefix", help="name prefix of this daemon's /dev/shm segments (default: shardkeep)")
+    p.add_argument("--memory-limit", type=_size,
                    help="most shared memory to hold, e.g. 8GB, 8GiB, 512MB (default: no limit "
-                        "beyond /dev/shm free space and MemAvailable)")
-    p.add_argument("--state-dir", default=os.environ.get("SHARDKEEP_STATE_DIR", ""),
-                   help="daemon state directory (default: /var/lib/shardkeep/PREFIX for root, "
-                        "else ~/.local/state/shardkeep/PREFIX)")
-    p.add_argument("--slots", type=int, default=2, help="shm slots per (job, rank), 2..8 (default: 2)")
-    p.add_argument("--job-ttl", type=float, default=0.0,
+                        "beyond /dev/shm free space, MemAvailable and the cgroup)")
+    p.add_argument("--state-dir", help="daemon state directory (default: /var/lib/shardkeep/PREFIX for root, "
+                                       "else ~/.local/state/shardkeep/PREFIX)")
+    p.add_argument("--slots", type=int, help="shm slots per (job, rank), 2..8 (default: 2)")
+    p.add_argument("--job-ttl", type=float,
                    help="free a job no trainer has touched for this many seconds (default: 0 = keep until "
                         "snap.finish() or shardkeep release)")
-    p.add_argument("--log-level", default=os.environ.get("SHARDKEEP_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="(default: INFO)")
+    p.add_argument("--request-timeout", type=float,
+                   help=f"seconds a request to a peer may take (default: {t.client_request:g})")
+    p.add_argument("--pin-lease", type=float,
+                   help=f"a restore pin whose reader vanished is dropped after this many seconds "
+                        f"(default: {t.pin_lease:g})")
     g = p.add_argument_group("group (omit --peers for a single node)")
-    g.add_argument("--peers", default="",
+    g.add_argument("--peers",
                    help="comma-separated control addresses of the group, in order: tcp://HOST0:PORT0,... "
                         "(this node's own entry is the address it binds)")
-    g.add_argument("--node", type=int, default=0, help="this daemon's index in --peers (default: 0)")
-    g.add_argument("--parity", type=int, default=1, help="parity nodes per stripe, m (default: 1)")
-    g.add_argument("--data-port", type=int, default=0,
+    g.add_argument("--node", type=int, help="this daemon's index in --peers (default: 0)")
+    g.add_argument("--parity", type=int, help="parity nodes per stripe, m (default: 1)")
+    g.add_argument("--data-port", type=int,
                    help="port of the bulk data endpoint on the control host (default: 0 = any free port)")
-    g.add_argument("--advertise", default="", help="host peers should use to reach this node, if not the bound one")
-    g.add_argument("--curve-secret", default="", help="this node's node-<i>.key_secret (shardkeep keygen)")
-    g.add_argument("--curve-public-dir", default="", help="directory of the group's node-<i>.key public keys")
-    g.add_argument("--insecure", action="store_true",
+    g.add_argument("--advertise", help="host peers should use to reach this node, if not the bound one")
+    g.add_argument("--curve-secret", help="this node's node-<i>.key_secret (shardkeep keygen)")
+    g.add_argument("--curve-public-dir", help="directory of the group's node-<i>.key public keys")
+    g.add_argument("--insecure", action="store_true", default=None,
                    help="no CURVE: plain TCP between daemons; refused unless every address is loopback")
-    g.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats to peers (default: 1)")
-    g.add_argument("--peer-timeout", type=float, default=5.0,
-                   help="a peer silent this many seconds is down and the group degraded (default: 5)")
-    g.add_argument("--group-commit-timeout", type=float, default=30.0,
-                   help="seconds a version may take to reach group level before it stays local (default: 30)")
-    g.add_argument("--encrypt-data", action="store_true",
+    g.add_argument("--encrypt-data", action="store_true", default=None,
                    help="send bulk data over CURVE too (slower) instead of plain frames with keyed BLAKE3 tags")
+    g.add_argument("--heartbeat", type=float, help=f"seconds between heartbeats to peers (default: {t.heartbeat:g})")
+    g.add_argument("--peer-timeout", type=float,
+                   help=f"a peer silent this many seconds is down and the group degraded (default: {t.peer_down:g})")
+    g.add_argument("--group-commit-timeout", type=float,
+                   help=f"seconds a version may take to reach group level before it stays local "
+                        f"(default: {t.group_commit:g})")
+    g.add_argument("--rebuild-timeout", type=float,
+                   help=f"seconds one piece of a rebuild may take (default: {t.rebuild_chunk:g})")
+
+
+def daemon_config(args: argparse.Namespace, env=None):
+    """The daemon's effective config from --config, SHARDKEEP_* and the flags given (and the sources)."""
+    from .config import load_config
+
+    flags = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    return load_config(flags, env, args.config)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from .config import DaemonConfig
+    from .config import render_config
     from .server import run_daemon
 
+    try:
+        cfg, source = daemon_config(args)
+        cfg.validate()
+    except ValueError as exc:
+        print(f"shardkeepd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(render_config(cfg, source))
+        return 0
     logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
+        level=cfg.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    mem = args.memory_limit
-    cfg = DaemonConfig(
-        socket=args.socket or default_socket(),
-        shm_prefix=args.shm_prefix,
-        memory_limit=_size(mem) if isinstance(mem, str) else mem,
-        state_dir=args.state_dir,
-        slots=args.slots,
-        job_ttl=args.job_ttl,
-        log_level=args.log_level,
-        node=args.node,
-        peers=[a.strip() for a in args.peers.split(",") if a.strip()],
-        parity=args.parity,
-        data_port=args.data_port,
-        advertise=args.advertise,
-        curve_secret=args.curve_secret,
-        curve_public_dir=args.curve_public_dir,
-        insecure=args.insecure,
-        encrypt_data=args.encrypt_data,
-        timeouts=Timeouts(heartbeat=args.heartbeat, peer_down=args.peer_timeout,
-                          group_commit=args.group_commit_timeout),
-    )
     try:
-        cfg.validate()
         run_daemon(cfg)
     except (ShardkeepError, ValueError, OSError) as exc:
         print(f"shardkeepd: {exc}", file=sys.stderr)

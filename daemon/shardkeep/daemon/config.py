@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from shardkeep.proto.config import DEFAULT_SLOTS, Timeouts, default_socket
 
@@ -64,3 +67,159 @@ class DaemonConfig:
             base = "/var/lib/shardkeep" if os.geteuid() == 0 else os.path.expanduser("~/.local/state/shardkeep")
             self.state_dir = os.path.join(base, self.shm_prefix)
         return self
+
+
+# --- where each setting comes from: defaults < --config FILE (TOML) < SHARDKEEP_* < flags -------------
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _p_str(v):
+    if not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
+
+
+def _p_int(v):
+    if isinstance(v, bool):
+        raise ValueError("expected an integer")
+    if isinstance(v, str):
+        v = v.strip()
+        if not v.lstrip("-").isdigit():
+            raise ValueError("expected an integer")
+        return int(v)
+    if not isinstance(v, int):
+        raise ValueError("expected an integer")
+    return v
+
+
+def _p_float(v):
+    if isinstance(v, bool):
+        raise ValueError("expected a number of seconds")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if not f == f or f in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return f
+
+
+def _p_bool(v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _BOOL:
+        return _BOOL[v.strip().lower()]
+    raise ValueError("expected true or false")
+
+
+def _p_size(v):
+    from shardkeep.proto.sizes import parse_size
+
+    if isinstance(v, bool):
+        raise ValueError("expected a size such as 8GB")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        return parse_size(v)
+    raise ValueError("expected a size such as 8GB")
+
+
+def _p_peers(v):
+    if isinstance(v, str):
+        return [a.strip() for a in v.split(",") if a.strip()]
+    if isinstance(v, list) and all(isinstance(a, str) for a in v):
+        return [a.strip() for a in v]
+    raise ValueError("expected a list of tcp://HOST:PORT addresses (or one comma-separated string)")
+
+
+def _p_level(v):
+    v = _p_str(v).upper()
+    if v not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
+    return v
+
+
+#: every setting: key (as in the TOML file; "timeouts.x" in its [timeouts] table) -> parser
+SETTINGS: dict[str, Any] = {
+    "socket": _p_str, "shm_prefix": _p_str, "memory_limit": _p_size, "state_dir": _p_str, "slots": _p_int,
+    "job_ttl": _p_float, "log_level": _p_level,
+    "node": _p_int, "peers": _p_peers, "parity": _p_int, "data_port": _p_int, "advertise": _p_str,
+    "curve_secret": _p_str, "curve_public_dir": _p_str, "insecure": _p_bool, "encrypt_data": _p_bool,
+    **{f"timeouts.{f.name}": _p_float for f in dataclasses.fields(Timeouts)},
+}
+
+
+def env_name(key: str) -> str:
+    """SHARDKEEP_<KEY>: ``timeouts.peer_down`` -> SHARDKEEP_TIMEOUTS_PEER_DOWN."""
+    return "SHARDKEEP_" + key.replace(".", "_").upper()
+
+
+def _flatten_toml(data: dict, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if k == "timeouts" and isinstance(v, dict):
+            for tk, tv in v.items():
+                out[f"timeouts.{tk}"] = tv
+        else:
+            out[k] = v
+    unknown = sorted(set(out) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    return out
+
+
+def load_config(flags: dict[str, Any], env: Mapping[str, str] | None = None,
+                config_file: str | None = None) -> tuple["DaemonConfig", dict[str, str]]:
+    """The effective config and, per key, where its value came from.
+
+    ``flags``: settings given on the command line (only those given), by key.
+    Values are parsed and checked here; the error names the key, the source and the value.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file:
+        import tomllib
+
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ValueError(f"--config {config_file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {config_file}: not valid TOML: {exc}") from None
+        layers.append((f"file {config_file}", _flatten_toml(data, config_file)))
+    layers.append(("env", {k: env[env_name(k)] for k in SETTINGS if env_name(k) in env}))
+    layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {k: "default" for k in SETTINGS}
+    for where, layer in layers:
+        for k, raw in layer.items():
+            try:
+                values[k] = SETTINGS[k](raw)
+            except ValueError as exc:
+                shown = env_name(k) if where == "env" else k
+                raise ValueError(f"{shown} = {raw!r} ({where}): {exc}") from None
+            source[k] = f"env {env_name(k)}" if where == "env" else where
+    tkw = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("timeouts.")}
+    kw = {k: v for k, v in values.items() if not k.startswith("timeouts.")}
+    cfg = DaemonConfig(**kw, timeouts=Timeouts(**tkw))
+    return cfg, source
+
+
+def render_config(cfg: "DaemonConfig", source: dict[str, str]) -> str:
+    """The effective config as TOML (usable as a --config file), each value with where it came from."""
+    import json
+
+    def line(k: str, v: Any) -> str:
+        if v is None:
+            return f"# {k} is not set  # {source[k]}"
+        text = ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) \
+            else json.dumps(v)
+        return f"{k} = {text}  # {source[k]}"
+
+    top = [line(k, getattr(cfg, k)) for k in SETTINGS if not k.startswith("timeouts.")]
+    tim = [line(k, getattr(cfg.timeouts, k.split(".", 1)[1])).replace("timeouts.", "", 1)
+           for k in SETTINGS if k.startswith("timeouts.")]
+    return "\n".join(top + ["", "[timeouts]"] + tim) + "\n"
