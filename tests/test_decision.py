@@ -86,7 +86,7 @@ def test_every_node_acks_and_the_coordinator_decides_commit_for_all():
         await asyncio.sleep(0.01)
         out = await net.outcomes(range(4))
         assert out == {i: "commit" for i in range(4)}
-        assert all(g.inventory() == [["job", 5]] for g in net.gcs)
+        assert all(g.inventory() == [["job", 5, 0]] for g in net.gcs)
     run(main())
 
 

@@ -191,7 +191,7 @@ def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes, small_ring, monkeyp
         nodes = []
         try:
             p, spec, nodes, payloads = await run_group(n, m, sizes, prefix, pool)
-            for v in (nd.gc.versions[("job", 7)] for nd in nodes):
+            for v in (nd.gc.versions[("job", 7, 0)] for nd in nodes):
                 assert v.acks == set(range(n)) and v.committed.done()
                 if small_ring:
                     assert v.window == 2 and v.rows > 4, (v.window, v.rows)

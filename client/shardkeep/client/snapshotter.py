@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,7 @@ class Snapshotter:
         self._maps = SlotMaps()
         self._reg: _Registration | None = None
         self._instance: str | None = None
+        self._epoch = 0  # this launch of the job (agreed in restore()); names group-commit versions
         self._pending: _Pending | None = None
         self._hooked: dict[int, Any] = {}
         self._queue: queue.Queue = queue.Queue()
@@ -250,6 +252,9 @@ class Snapshotter:
         candidates = [int(s) for s in reply.fields.get("restorable", [])]
         missing = str(reply.fields.get("missing", ""))  # this node lost versions the group holds
         candidates = _agree(candidates, self.job, missing)
+        # this launch of the job, the same on every rank: a step run again after a restart is a new
+        # version for the group, never mixed with the one the crash left half-committed
+        self._epoch = _agree_epoch()
         fell_back: list[tuple[int, str]] = []
         restored: int | None = None
         nbytes = 0
@@ -487,7 +492,7 @@ class Snapshotter:
                     self._registering = False
             try:
                 r = self._request("begin", {"job": self.job, "rank": self.rank, "step": p.step,
-                                            "session": reg.session})
+                                            "session": reg.session, "epoch": self._epoch})
             except (StaleSessionError, NotFoundError):
                 if attempt:
                     raise
@@ -724,6 +729,17 @@ def _agree(candidates: list[int], job: str, missing: str = "") -> list[int]:
             "versions: " + ", ".join(f"rank {r}: {sorted(s, reverse=True) or 'none'}" for r, s in enumerate(sets)),
         )
     return common
+
+
+def _agree_epoch() -> int:
+    """A random number every rank shares (rank 0's); 0 without torch.distributed."""
+    dist = _dist()
+    if dist is None:
+        return 0
+    t = torch.tensor([secrets.randbits(62) + 1 if dist.get_rank() == 0 else 0], dtype=torch.int64,
+                     device=_dist_device(dist))
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def _all_ok(ok: bool) -> bool:

@@ -42,6 +42,7 @@ class Slot:
     pins: dict[str, float] = field(default_factory=dict)  # pin token -> lease expiry
     manifest: Manifest | None = None
     begun_at: float = 0.0
+    epoch: int = 0               # the job's launch the writer named in begin (group-commit identity)
 
     @property
     def path(self) -> str:

@@ -191,8 +191,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        from .demo_group import run_group_demo
+
+        args.size = args.size or _size("16MB")
+        return run_group_demo(args)
     from .demo import run_demo
 
+    args.size = args.size or _size("64MB")
     return run_demo(args)
 
 
@@ -232,13 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_keygen_args(p)
     p.set_defaults(func=keys.cmd_keygen)
 
-    p = sub.add_parser("demo", help="train, kill, restore and compare bitwise against an uninterrupted run")
-    p.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
-    p.add_argument("--kill-at", type=int, default=None, help="step at which to SIGKILL the trainer (default: random)")
-    p.add_argument("--size", type=_size, default=_size("64MB"),
-                   help="approximate model + optimizer state size (default: 64MB)")
-    p.add_argument("--seed", type=int, default=None, help="seed for the kill step (default: random)")
-    p.add_argument("--keep", action="store_true", help="leave the daemon running to inspect with shardkeep status")
+    p = sub.add_parser("demo", help="train on a local group, lose a whole node, rebuild it, resume, "
+                                    "and compare bitwise against an uninterrupted run")
+    p.add_argument("--nodes", type=int, default=4,
+                   help="daemons (one trainer rank each) in the local group; 1 = a single node whose "
+                        "trainer is SIGKILLed and restored from local memory (default: 4)")
+    p.add_argument("--parity", type=int, default=1, help="parity nodes m of the group (default: 1)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    p.add_argument("--kill-at", type=int, default=None, help="step at which to kill (default: random)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="approximate model + optimizer state per rank (default: 16MB with a group, 64MB alone)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the kill step and the lost node (default: random)")
+    p.add_argument("--keep", action="store_true", help="leave the daemons running to inspect with shardkeep status")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,13 @@
 """The demo's trainer: a small GPT-style language model, snapshotting every step.
 
-Run by ``shardkeep demo`` as a child process; prints one JSON event per line.
-Only ``shardkeep.client`` is used, exactly as a user's training script would.
+Run by ``shardkeep demo`` as a child process; prints one JSON event per line
+(to stdout, or to ``--events FILE``).  Only ``shardkeep.client`` is used,
+exactly as a user's training script would.  With ``WORLD_SIZE`` > 1 in the
+environment it is one rank of a gloo data-parallel job that all-reduces each
+gradient tensor on its own: a reduction whose order never changes, so a run
+resumed after a restart can be bitwise identical to an uninterrupted one (DDP
+rebuilds its gradient buckets after the first iteration of every process and
+is not, on gloo).
 """
 
 from __future__ import annotations
@@ -21,14 +27,15 @@ import torch.nn as nn
 
 
 _emit_lock = threading.Lock()
+_out = sys.stdout
 
 
 def emit(**ev) -> None:
     # snapshot futures call back on the client's copy thread: one whole line at a time
     line = json.dumps(ev) + "\n"
     with _emit_lock:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        _out.write(line)
+        _out.flush()
 
 
 class TinyGPT(nn.Module):
@@ -77,8 +84,8 @@ def dump_state(obj) -> bytes:
     return pack_skeleton(conv(obj))
 
 
-def batch(step: int, vocab: int, ctx: int = 64, n: int = 16):
-    g = torch.Generator().manual_seed(10_000 + step)
+def batch(step: int, vocab: int, ctx: int = 64, n: int = 16, rank: int = 0):
+    g = torch.Generator().manual_seed(10_000 + step + 1_000_003 * rank)
     # a learnable pattern: each sequence counts up from a random start
     start = torch.randint(0, vocab, (n, 1), generator=g)
     seq = (start + torch.arange(ctx + 1)) % vocab
@@ -94,10 +101,27 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", action="store_true", help="no shardkeep: the uninterrupted run")
-    ap.add_argument("--baselines", action="store_true", help="also time torch.save/torch.load")
+    ap.add_argument("--baselines", action="store_true", help="also time torch.save/torch.load (and DCP)")
+    ap.add_argument("--events", help="write the JSON events to this file instead of stdout")
+    ap.add_argument("--baseline-dir", help="a directory every rank can write (for the dcp.async_save baseline)")
     args = ap.parse_args()
+    global _out
+    if args.events:
+        _out = open(args.events, "a", buffering=1)
     t_start = time.perf_counter()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # leave a core for the daemon and the copy
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = None
+    rank = 0
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+        rank = dist.get_rank()
+        torch.set_num_threads(1)  # several ranks share this machine's cores
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # leave a core for the daemon and the copy
 
     vocab = 4096
     d, layers = shape_for(args.size, vocab)
@@ -119,18 +143,23 @@ def main() -> int:
     if not args.reference:
         from shardkeep.client import Snapshotter
 
-        snap = Snapshotter(socket=args.socket, job=args.job, rank=0, world_size=1)
+        snap = Snapshotter(socket=args.socket, job=args.job, rank=rank, world_size=world,
+                           local_world_size=1 if world > 1 else None)
         start = snap.restore(state)
         lr = snap.last_restore
         emit(event="restored", step=start, seconds=lr.seconds, bytes=lr.bytes, info=str(lr))
     first = 0 if start is None else start + 1
-    stalls, commits, losses = [], [], []
+    stalls, commits, losses, group_commits = [], [], [], []
     for step in range(first, args.steps):
-        x, y = batch(step, vocab)
+        x, y = batch(step, vocab, rank=rank)
         model.train()
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if dist is not None:
+            for p in model.parameters():  # one all-reduce per tensor, always in the same order
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
         opt.step()
         state["data"]["consumed"] += x.numel()
         if first == step:
@@ -139,11 +168,16 @@ def main() -> int:
             blocked0 = snap.stats.blocked_s
             t0 = time.perf_counter()
             fut = snap.snapshot(state, step)
-            fut.add_done_callback(
-                lambda f, s=step, t0=t0: commits.append(time.perf_counter() - t0)
-                or emit(event="committed", step=s, seconds=time.perf_counter() - t0)
-                if not f.exception() and f.result().status == "committed" else emit(event="skipped", step=s)
-            )
+            def done(f, s=step, t0=t0):
+                r = f.result()
+                if r.status != "committed":
+                    emit(event="skipped", step=s, reason=r.reason)
+                    return
+                took = time.perf_counter() - t0
+                (group_commits if r.level == "group" else commits).append(took)
+                emit(event="committed", step=s, seconds=took, level=r.level)
+
+            fut.add_done_callback(done)
             stalls.append(snap.stats.blocked_s - blocked0)
         losses.append(loss.item())
         emit(event="step", step=step, loss=round(loss.item(), 4))
@@ -153,6 +187,8 @@ def main() -> int:
         emit(event="stats", stall_median=statistics.median(stalls[1:] or stalls),
              stall_max=max(stalls[1:] or stalls), first_snapshot=stalls[0] if stalls else None,
              commit_median=statistics.median(commits) if commits else None,
+             group_commit_median=statistics.median(group_commits) if group_commits else None,
+             group_committed=len(group_commits),
              committed=snap.stats.committed, skipped=snap.stats.skipped)
     final = {"model": model.state_dict(), "optim": opt.state_dict(), "data": state["data"],
              "rng": torch.get_rng_state()}
@@ -180,8 +216,24 @@ def main() -> int:
             model.load_state_dict(loaded["model"])
             opt.load_state_dict(loaded["optim"])
             load_s = time.perf_counter() - t0
-        emit(event="baselines", torch_save_fsync=save_s, torch_load=load_s)
+        dcp_s = dcp_blocked = None
+        if dist is not None and args.baseline_dir:  # collective: every rank saves its part, as DCP users do
+            import torch.distributed.checkpoint as dcp
+
+            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+            dist.barrier()
+            t0 = time.perf_counter()
+            fut = dcp.async_save(sd, checkpoint_id=os.path.join(args.baseline_dir, "dcp"))
+            dcp_blocked = time.perf_counter() - t0
+            fut.result()
+            dcp_s = time.perf_counter() - t0
+            dist.barrier()
+        emit(event="baselines", torch_save_fsync=save_s, torch_load=load_s, dcp_async_blocked=dcp_blocked,
+             dcp_async_total=dcp_s)
     emit(event="done", ran=args.steps - first, first=first, final_loss=losses[-1] if losses else math.nan)
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

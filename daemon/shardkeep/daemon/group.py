@@ -237,7 +237,13 @@ class Group:
 
     async def _heartbeat_loop(self) -> None:
         period = self.cfg.timeouts.heartbeat
+        was_down: set[int] = set()
         while True:
+            down = {j for j in self.membership.peers if not self.peer_up(j) and j in self.greeted}
+            if down - was_down and self.gc is not None:
+                log.warning("node %d: node(s) %s down", self.node, sorted(down - was_down))
+                self.gc.peers_down(down)
+            was_down = down
             if self.membership.gen:
                 fields = {"gen": self.membership.gen, "degraded": self.degraded, "time": time.time()}
                 # one task per peer, never awaited here: a dead peer's send timeout, or a client
@@ -277,7 +283,7 @@ class Group:
             self.gc._spawn(self.gc.serve_pull(msg.src, msg.fields))
             return None
         if msg.type == "outcome" and self.gc is not None:
-            return {"outcome": self.gc.outcome(msg.fields["job"], msg.fields["step"])}
+            return {"outcome": self.gc.outcome(msg.fields["job"], msg.fields["step"], msg.fields.get("epoch", 0))}
         if msg.type == "inventory" and self.gc is not None:
             return {"versions": self.gc.inventory()}
         if msg.type == "fetch" and self.gc is not None:
@@ -344,11 +350,11 @@ class Group:
                                  "rejected": self.server.rejected if self.server else 0},
             "client_states": {str(j): c.state for j, c in self.clients.items()},
             "versions": [
-                {"job": job, "step": step, "sizes_from": sorted(v.sizes), "manifests_from": sorted(v.manifests),
+                {"job": job, "step": step, "epoch": epoch, "sizes_from": sorted(v.sizes), "manifests_from": sorted(v.manifests),
                  "parity_stripes": sorted(v.stored), "acks_from": sorted(v.acks),
                  "decision": v.decided or "pending", "group_committed": v.decided == "commit",
                  "timing": self.gc.timing(v)}
-                for (job, step), v in sorted(self.gc.versions.items())
+                for (job, step, epoch), v in sorted(self.gc.versions.items())
             ] if self.gc is not None else [],
             "recent_commits": list(self.gc.recent) if self.gc is not None else [],
         }

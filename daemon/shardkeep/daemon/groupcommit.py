@@ -64,6 +64,7 @@ RING_BYTES = 64 << 20  # the encoder's staging ring, at most (at least 2 rows)
 class _Version:
     job: str
     step: int
+    epoch: int = 0               # the job's launch, agreed by its ranks at restore(): a re-run step is a new version
     sizes: dict[int, int] = field(default_factory=dict)
     manifests: dict[int, bytes] = field(default_factory=dict)  # node -> its ranks' manifests (opaque here)
     views: list[memoryview] | None = None
@@ -116,7 +117,7 @@ class GroupCommit:
         self.resolve_timeout = resolve_timeout
         self.faults = fault_plan()
         self.versions: dict[tuple[str, int], _Version] = {}
-        self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step): late messages dropped
+        self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step, epoch): late messages dropped
         self.recent: collections.deque = collections.deque(maxlen=32)  # timing of the last decided versions
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -140,30 +141,31 @@ class GroupCommit:
     def padded(self, v: _Version, s: int) -> int:
         return substripes(self.stripe_len(v, s), self.spec.piece) * self.spec.piece
 
-    def _v(self, job: str, step: int) -> _Version:
-        v = self.versions.get((job, step))
+    def _v(self, job: str, step: int, epoch: int = 0) -> _Version:
+        v = self.versions.get((job, step, epoch))
         if v is None:
-            v = self.versions[(job, step)] = _Version(job, step)
+            v = self.versions[(job, step, epoch)] = _Version(job, step, epoch)
             v.committed = asyncio.get_running_loop().create_future()
         return v
 
     # --- entry points ------------------------------------------------------------------------
 
-    async def start(self, job: str, step: int, views: list[memoryview], manifests: bytes = b"") -> _Version:
+    async def start(self, job: str, step: int, views: list[memoryview], manifests: bytes = b"",
+                    epoch: int = 0) -> _Version:
         """This node's payload of (job, step) is committed locally: join the group commit.
 
         ``manifests`` (this node's ranks' manifests) go to every node, so that a
         rebuild of this node can recreate its slots from any survivor.
         """
-        v = self._v(job, step)
+        v = self._v(job, step, epoch)
         v.views = views
         v.sizes[self.node] = sum(len(x) for x in views)
         v.manifests[self.node] = manifests
-        await self.broadcast("local-commit", {"job": job, "step": step, "bytes": v.sizes[self.node]}, [manifests])
+        await self.broadcast("local-commit", {**_ident(v), "bytes": v.sizes[self.node]}, [manifests])
         self._advance(v)
         return v
 
-    async def wait(self, job: str, step: int, timeout: float) -> None:
+    async def wait(self, job: str, step: int, timeout: float, epoch: int = 0) -> None:
         """Until (job, step) is decided; raises unless it reached group level.
 
         After ``timeout`` a node that never acked gives up at once (no version
@@ -171,7 +173,7 @@ class GroupCommit:
         the decision (``_resolve``), because the coordinator may have recorded
         the version and released the one before.
         """
-        v = self._v(job, step)
+        v = self._v(job, step, epoch)
         try:
             ok = await asyncio.wait_for(asyncio.shield(v.committed), timeout)
         except asyncio.TimeoutError:
@@ -228,13 +230,27 @@ class GroupCommit:
             except asyncio.TimeoutError:
                 pass
 
+    def peers_down(self, down: set[int]) -> None:
+        """Peers just went down: the coordinator decides what they leave undecided without waiting out
+        the group-commit timeout (every ack in: commit; a lost node's ack missing: abort)."""
+        if self.coordinator() != self.node:
+            return
+        for v in list(self.versions.values()):
+            if v.decided:
+                continue
+            if len(v.acks) == self.p.n:
+                self._decide(v, "commit", broadcast=True)
+            elif down - v.acks:
+                self._decide(v, "abort", broadcast=True,
+                             reason=f"node(s) {sorted(down - v.acks)} went down before acknowledging")
+
     async def _ask_outcomes(self, v: _Version) -> set[str]:
         if self.ask is None:
             return set()
 
         async def one(j: int) -> str:
             try:
-                r = await self.ask(j, "outcome", {"job": v.job, "step": v.step})
+                r = await self.ask(j, "outcome", _ident(v))
                 return str(r.get("outcome", ""))
             except Exception as exc:  # a dead peer is no answer
                 log.debug("outcome of %s step %d from node %d: %r", v.job, v.step, j, exc)
@@ -242,11 +258,11 @@ class GroupCommit:
 
         return set(await asyncio.gather(*(one(j) for j in self.live() if j != self.node)))
 
-    def outcome(self, job: str, step: int) -> str:
-        """What this node knows of (job, step): commit, abort, pending, or unknown."""
-        if (job, step) in self.abandoned:
+    def outcome(self, job: str, step: int, epoch: int = 0) -> str:
+        """What this node knows of (job, step, epoch): commit, abort, pending, or unknown."""
+        if (job, step, epoch) in self.abandoned:
             return "abort"
-        v = self.versions.get((job, step))
+        v = self.versions.get((job, step, epoch))
         if v is None:
             return "unknown"
         return v.decided or "pending"
@@ -268,14 +284,14 @@ class GroupCommit:
             log.warning("node %d: job %s step %d aborted at group level: %s", self.node, v.job, v.step, reason)
         if broadcast:
             if outcome == "commit":
-                self._spawn(self.broadcast("committed", {"job": v.job, "step": v.step, "level": "group"}))
+                self._spawn(self.broadcast("committed", {**_ident(v), "level": "group"}))
             else:
-                self._spawn(self.broadcast("abort", {"job": v.job, "step": v.step, "reason": reason[:200]}))
+                self._spawn(self.broadcast("abort", {**_ident(v), "reason": reason[:200]}))
 
     def on_control(self, src: int, mtype: str, f: dict, payload: list | None = None) -> None:
-        if (f["job"], f["step"]) in self.abandoned:
+        if _key(f) in self.abandoned:
             return
-        v = self._v(f["job"], f["step"])
+        v = self._v(*_key(f))
         if mtype == "local-commit":
             if "bytes" not in f:
                 raise ProtocolError("local-commit without its payload size")
@@ -294,9 +310,9 @@ class GroupCommit:
             self._decide(v, "abort", broadcast=False, reason=f"node {src}: {f.get('reason', '')}")
 
     def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> None:
-        if (meta.get("job"), meta.get("step")) in self.abandoned:
+        if _key(meta) in self.abandoned:
             return
-        v = self._v(meta["job"], meta["step"])
+        v = self._v(*_key(meta))
         if not self._ready(v):
             v.early.append((kind, meta, bytes(payload)))  # sizes or segments not known yet
             return
@@ -364,7 +380,7 @@ class GroupCommit:
             n = self._row_bytes_of(v, h, q)
             need += n
             if n:
-                self._spawn(self.tell(h, "pull", {"job": v.job, "step": v.step, "stripe": self.node,
+                self._spawn(self.tell(h, "pull", {**_ident(v), "stripe": self.node,
                                                   "offset": q * v.row, "length": n}))
         v.row_need[q] = need
         v.row_got.setdefault(q, 0)
@@ -373,9 +389,9 @@ class GroupCommit:
 
     async def serve_pull(self, src: int, f: dict) -> None:
         """A data holder: send bytes [offset, offset+length) of our chunk of the stripe to its encoder."""
-        v = self.versions.get((f["job"], f["step"]))
+        v = self.versions.get(_key(f))
         s, off, n = f["stripe"], f.get("offset", 0), f.get("length", 0)
-        if v is None or v.views is None or (f["job"], f["step"]) in self.abandoned:
+        if v is None or v.views is None or _key(f) in self.abandoned:
             raise ProtocolError(f"node {self.node} is not committing job {f['job']!r} step {f['step']}")
         if src != self.p.encoder(s) or s not in self.p.data_stripes(self.node):
             raise ProtocolError(f"node {src} does not encode stripe {s}, or node {self.node} holds no data in it")
@@ -386,7 +402,7 @@ class GroupCommit:
         index = self.p.data_index(s, self.node)
         for start in range(a + off, a + off + n, PIECE):
             for piece_off, mv in _slices(v.views, start, min(start + PIECE, a + off + n)):
-                await self.send_data(src, "chunk", {"job": v.job, "step": v.step, "stripe": s, "index": index,
+                await self.send_data(src, "chunk", {**_ident(v), "stripe": s, "index": index,
                                                     "offset": piece_off - a}, mv)
 
     def _ring(self, v: _Version, q: int, i: int) -> int:
@@ -417,8 +433,7 @@ class GroupCommit:
             for off in range(0, prow, PIECE):
                 n = min(PIECE, prow - off)
                 # a copy: the ring row is reused before ZeroMQ has necessarily sent it
-                await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": me,
-                                                        "offset": q * v.row + off},
+                await self.send_data(holder, "parity", {**_ident(v), "stripe": me, "offset": q * v.row + off},
                                      bytes(st.mm[at + off : at + off + n]))
         v.rows_done += 1
         nxt = q + v.window
@@ -434,7 +449,7 @@ class GroupCommit:
         headers = b"".join(v.row_headers[q] for q in range(v.rows))
         v.headers[me] = headers
         for holder in self.p.parity_holders(me)[1:]:
-            await self.send_data(holder, "parity", {"job": v.job, "step": v.step, "stripe": me, "headers": True},
+            await self.send_data(holder, "parity", {**_ident(v), "stripe": me, "headers": True},
                                  headers)
         v.parity_got[me] = v.layout[me][1]
         if v.staging is not None:
@@ -482,7 +497,7 @@ class GroupCommit:
                 return
             v.acked = True
             v.acks.add(self.node)
-            self._spawn(self.broadcast("ack", {"job": v.job, "step": v.step}))
+            self._spawn(self.broadcast("ack", _ident(v)))
             self._check_committed(v)
 
     def _check_committed(self, v: _Version) -> None:
@@ -495,7 +510,7 @@ class GroupCommit:
         L = self.stripe_len(v, self.node) if len(v.sizes) == self.p.n else 0
         enc = (v.t_encode1 - v.t_encode0) if v.t_encode1 else None
         return {
-            "job": v.job, "step": v.step, "decision": v.decided or "pending",
+            "job": v.job, "step": v.step, "epoch": v.epoch, "decision": v.decided or "pending",
             "since_start_s": round(now - v.t0, 4),
             "sizes_known_s": round(v.t_sizes - v.t0, 4) if v.t_sizes else None,
             "encode_in_bytes": self.p.k * L, "parity_bytes": sum(n for _, n in v.layout.values()),
@@ -510,15 +525,15 @@ class GroupCommit:
         """Write the ParityRecord of a group-level version beside its parity (tmp name, then rename)."""
         assert v.parity is not None
         rec = ParityRecord(v.job, v.step, self.node, self.p.n, self.p.m, v.parity.name, dict(v.layout),
-                           dict(v.headers), dict(v.sizes), dict(v.manifests))
+                           dict(v.headers), dict(v.sizes), dict(v.manifests), v.epoch)
         name = f"{self.prefix}-meta-{v.job}-{v.step}-{v.tag or secrets.token_hex(3)}"
         await asyncio.get_running_loop().run_in_executor(self.executor, _write_file, name, rec.encode())
-        if (v.job, v.step) in self.versions and self.versions[(v.job, v.step)] is v:
+        if self.versions.get((v.job, v.step, v.epoch)) is v:
             v.record = name
         else:  # released while we wrote
             _unlink(name)
 
-    def adopt_saved(self, views_of: Callable[[str, int], list[memoryview] | None]) -> list[tuple[str, int]]:
+    def adopt_saved(self, views_of: Callable[[str, int], list[memoryview] | None]) -> list[tuple[str, int, int]]:
         """At start: re-adopt the parity of the newest group-level version of each job left in /dev/shm.
 
         A record is kept only if it is intact, names this node of this group,
@@ -557,10 +572,11 @@ class GroupCommit:
                 except (OSError, ShardkeepError) as exc:
                     log.warning("node %d: parity segment of job %s step %d: %s", self.node, job, step, exc)
                     continue
-                self.adopt_rebuilt(job, step, rec.sizes, rec.manifests, views, parity, rec.layout, rec.headers)
-                self.versions[(job, step)].record = name
+                self.adopt_rebuilt(job, step, rec.sizes, rec.manifests, views, parity, rec.layout, rec.headers,
+                                   rec.epoch)
+                self.versions[(job, step, rec.epoch)].record = name
                 kept |= {name, rec.parity}
-                adopted.append((job, step))
+                adopted.append((job, step, rec.epoch))
                 log.info("node %d: re-adopted parity of job %s step %d (stripes %s)", self.node, job, step,
                          sorted(rec.layout))
                 break
@@ -583,11 +599,12 @@ class GroupCommit:
     # --- what a rebuild needs -------------------------------------------------------------------
 
     def inventory(self) -> list[list]:
-        return [[job, step] for (job, step), v in sorted(self.versions.items()) if v.decided == "commit"]
+        return [[job, step, epoch] for (job, step, epoch), v in sorted(self.versions.items())
+                if v.decided == "commit"]
 
     def serve_fetch(self, f: dict) -> tuple[dict, list]:
         """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity."""
-        key = (f["job"], f["step"])
+        key = _key(f)
         v = self.versions.get(key)
         if v is None or v.decided != "commit":
             raise ProtocolError(f"node {self.node} holds no group-level version {key}")
@@ -613,27 +630,27 @@ class GroupCommit:
 
     def adopt_rebuilt(self, job: str, step: int, sizes: dict[int, int], manifests: dict[int, bytes],
                       views: list[memoryview], parity: Segment, layout: dict[int, tuple[int, int]],
-                      headers: dict[int, bytes]) -> None:
-        """A rebuilt node takes its place in (job, step) as if it had been there."""
-        v = self._v(job, step)
+                      headers: dict[int, bytes], epoch: int = 0) -> None:
+        """A rebuilt node takes its place in (job, step, epoch) as if it had been there."""
+        v = self._v(job, step, epoch)
         v.sizes, v.manifests, v.views = dict(sizes), dict(manifests), views
         v.parity, v.layout, v.headers = parity, dict(layout), dict(headers)
         v.stored, v.acks, v.acked, v.ready = set(layout), set(range(self.p.n)), True, True
         self._decide(v, "commit", broadcast=False)
 
-    def manifests_of(self, job: str, step: int) -> dict[int, bytes]:
-        """Every node's manifests of (job, step), as each sent them with its local-commit."""
-        return dict(self.versions[(job, step)].manifests)
+    def manifests_of(self, job: str, step: int, epoch: int = 0) -> dict[int, bytes]:
+        """Every node's manifests of the version, as each sent them with its local-commit."""
+        return dict(self.versions[(job, step, epoch)].manifests)
 
-    def parity_of(self, job: str, step: int, s: int) -> tuple[str, int, int, bytes]:
+    def parity_of(self, job: str, step: int, s: int, epoch: int = 0) -> tuple[str, int, int, bytes]:
         """(segment name, offset, padded length, headers) of this node's parity of stripe ``s``."""
-        v = self.versions[(job, step)]
+        v = self.versions[(job, step, epoch)]
         base, pad = v.layout[s]
         assert v.parity is not None
         return v.parity.name, base, pad, v.headers[s]
 
-    def release(self, job: str, step: int) -> None:
-        v = self.versions.pop((job, step), None)
+    def release(self, job: str, step: int, epoch: int = 0) -> None:
+        v = self.versions.pop((job, step, epoch), None)
         if v is None:
             return
         if v.preparing is not None and not v.preparing.done():
@@ -644,12 +661,24 @@ class GroupCommit:
         if v.record:
             _unlink(v.record)
 
-    def abandon(self, job: str, step: int) -> None:
-        """Give up on (job, step): free its segments and ignore what still arrives for it."""
-        self.release(job, step)
-        self.abandoned[(job, step)] = True
+    def abandon(self, job: str, step: int, epoch: int = 0) -> None:
+        """Give up on the version: free its segments and ignore what still arrives for it."""
+        self.release(job, step, epoch)
+        self.abandoned[(job, step, epoch)] = True
         while len(self.abandoned) > 4096:
             self.abandoned.popitem(last=False)
+
+
+def _ident(v: _Version) -> dict:
+    """The fields that name a version in every message about it."""
+    return {"job": v.job, "step": v.step, "epoch": v.epoch}
+
+
+def _key(f: dict) -> tuple[str, int, int]:
+    job, step, epoch = f.get("job"), f.get("step"), f.get("epoch", 0)
+    if not isinstance(job, str) or type(step) is not int or type(epoch) is not int or step < 0 or epoch < 0:
+        raise ProtocolError(f"a group-commit message names no valid version: {job!r} {step!r} {epoch!r}")
+    return job, step, epoch
 
 
 async def _no_tell(j: int, mtype: str, fields: dict) -> None:

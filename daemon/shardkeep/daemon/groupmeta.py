@@ -3,7 +3,7 @@
 Pure encode/decode (no I/O).  Layout: 8-byte magic, xxh3_64 of the body
 (little-endian u64), then a msgpack map::
 
-    {"job", "step", "node", "n", "m", "parity": segment name,
+    {"job", "step", "epoch", "node", "n", "m", "parity": segment name,
      "layout": {stripe: [offset, padded length]}, "headers": {stripe: bytes},
      "sizes": {node: payload bytes}, "manifests": {node: bytes}}
 
@@ -39,12 +39,13 @@ class ParityRecord:
     headers: dict[int, bytes]
     sizes: dict[int, int]
     manifests: dict[int, bytes]
+    epoch: int = 0
 
     def encode(self) -> bytes:
         body = msgpack.packb({
             "job": self.job, "step": self.step, "node": self.node, "n": self.n, "m": self.m,
             "parity": self.parity, "layout": {s: list(v) for s, v in self.layout.items()},
-            "headers": self.headers, "sizes": self.sizes, "manifests": self.manifests,
+            "headers": self.headers, "sizes": self.sizes, "manifests": self.manifests, "epoch": self.epoch,
         }, use_bin_type=True)
         return _HEAD.pack(MAGIC, xxhash.xxh3_64_intdigest(body)) + body
 
@@ -69,6 +70,7 @@ class ParityRecord:
                 headers={_int(s, 0, 4095): _bytes(h) for s, h in d["headers"].items()},
                 sizes={_int(j, 0, 4095): _int(x, 0, 1 << 62) for j, x in d["sizes"].items()},
                 manifests={_int(j, 0, 4095): _bytes(x) for j, x in d["manifests"].items()},
+                epoch=_int(d.get("epoch", 0), 0, (1 << 63) - 1),
             )
         except (KeyError, TypeError, ValueError, IndexError, ProtocolError, msgpack.UnpackException) as exc:
             raise IntegrityError(f"malformed parity record: {exc!r}") from None

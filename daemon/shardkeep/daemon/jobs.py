@@ -162,7 +162,7 @@ class JobState:
         # a free slot first, else the oldest committed version
         return min(candidates, key=lambda s: (s.state != STATE_FREE, s.header.commit_seq))
 
-    def begin(self, rank: int, session: str, step: int) -> tuple[Slot | None, str]:
+    def begin(self, rank: int, session: str, step: int, epoch: int = 0) -> tuple[Slot | None, str]:
         rs = self.check_session(rank, session)
         self.last_active = time.time()
         if step <= self.newest_held(rank):
@@ -175,6 +175,7 @@ class JobState:
             self.abort_step(step, why)
             return None, why
         slot.mark_writing(step)
+        slot.epoch = epoch
         return slot, ""
 
     def commit(self, rank: int, step: int, slot: Slot) -> bool:

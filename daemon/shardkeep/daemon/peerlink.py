@@ -148,7 +148,8 @@ REASON = _str(4096)
 
 # Fields every peer message may carry: membership stamps messages with its group and
 # generation so that a fenced node (lower generation) is refused.
-COMMON_OPTIONAL: dict[str, Callable[[str, Any], Any]] = {"group": GROUP, "gen": GEN}
+# "epoch" names the job's launch in every message about a version (see groupcommit.py)
+COMMON_OPTIONAL: dict[str, Callable[[str, Any], Any]] = {"group": GROUP, "gen": GEN, "epoch": _int(0, MAX_SEQ)}
 
 # type -> (required fields, optional fields, payload frames allowed)
 PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {

@@ -48,19 +48,23 @@ async def rebuild(daemon: Any) -> dict:
         except ShardkeepError as exc:
             log.warning("inventory of node %d failed: %s", j, exc)
             continue
-        for job, step in r.fields.get("versions", []):
-            held.setdefault((job, step), []).append(j)
-    newest: dict[str, int] = {}
-    for job, step in held:
-        newest[job] = max(step, newest.get(job, -1))
+        for v in r.fields.get("versions", []):
+            if not (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)
+                    and all(type(x) is int and x >= 0 for x in v[1:])):
+                log.warning("node %d sent a malformed inventory entry %r", j, v)
+                continue
+            held.setdefault((v[0], v[1], v[2]), []).append(j)
+    newest: dict[str, tuple[int, int]] = {}  # job -> (step, epoch) of its newest group-level version
+    for job, step, epoch in held:
+        newest[job] = max((step, epoch), newest.get(job, (-1, 0)))
     per_version = len(group.placement.data_stripes(group.node)) + len(group.placement.parity_stripes(group.node))
     daemon.recover_progress = {"state": "running", "versions": len(newest), "stripes_done": 0,
                                "stripes_total": per_version * len(newest), "bytes_fetched": 0}
     done, failed = [], []
     n, m = group.placement.n, group.placement.m
-    for job, step in sorted(newest.items()):
+    for job, (step, epoch) in sorted(newest.items()):
         # only the nodes that hold this version can serve it (another replacement may be up, but empty)
-        holders = sorted(held[(job, step)])
+        holders = sorted(held[(job, step, epoch)])
         lost = sorted(set(range(n)) - set(holders))
         if len(lost) > m:
             why = (f"job {job!r} step {step} (its newest group-level version) cannot be rebuilt: nodes {lost} "
@@ -70,7 +74,7 @@ async def rebuild(daemon: Any) -> dict:
             failed.append(why)
             continue
         try:
-            done.append(await _rebuild_version(daemon, job, step, holders, loop))
+            done.append(await _rebuild_version(daemon, job, step, epoch, holders, loop))
             daemon.unrecoverable.pop(job, None)
         except BaseException as exc:
             daemon.recover_progress["state"] = "failed"
@@ -107,24 +111,25 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
     raise UnavailableError(f"no survivor could send {fields}: {last}")
 
 
-async def _rebuild_version(daemon: Any, job: str, step: int, live: list[int], loop) -> dict:
+async def _rebuild_version(daemon: Any, job: str, step: int, epoch: int, live: list[int], loop) -> dict:
     created: list = []  # slots and segments this attempt made: all go if it fails
     try:
-        return await _rebuild_version_into(daemon, job, step, live, loop, created)
+        return await _rebuild_version_into(daemon, job, step, epoch, live, loop, created)
     except BaseException:
         for seg in created:
             seg.destroy()
         raise
 
 
-async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int], loop, created: list) -> dict:
+async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, live: list[int], loop,
+                                created: list) -> dict:
     group = daemon.group
     gc, p, me, k, m = group.gc, group.placement, group.node, group.placement.k, group.placement.m
     spec = gc.spec
     info = None
     for j in live:
         try:
-            info = await group.clients[j].request("fetch", {"job": job, "step": step, "what": "manifest"},
+            info = await group.clients[j].request("fetch", {"job": job, "step": step, "epoch": epoch, "what": "manifest"},
                                                   timeout=30)
             break
         except ShardkeepError as exc:
@@ -179,7 +184,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
                 if h == me or h not in live:
                     continue
                 try:
-                    r = await group.clients[h].request("fetch", {"job": job, "step": step, "what": "manifest"},
+                    r = await group.clients[h].request("fetch", {"job": job, "step": step, "epoch": epoch, "what": "manifest"},
                                                        timeout=30)
                 except ShardkeepError:
                     continue
@@ -214,7 +219,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
                     continue
                 n = (lambda ab: ab[1] - ab[0])(chunk(h, s))
                 if n:
-                    await _fetch(group, [h], {"job": job, "step": step, "what": "data", "stripe": s}, n,
+                    await _fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "data", "stripe": s}, n,
                                  memoryview(st.mm)[idx * Ls : idx * Ls + n], daemon.recover_progress)
                 have[idx] = [(st.name, idx * Ls, n)] if n else []
             if len(have) == k:  # every data chunk survives: encode (this also gives the headers)
@@ -232,7 +237,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
                     break
                 if h == me or h not in live:
                     continue
-                await _fetch(group, [h], {"job": job, "step": step, "what": "parity", "stripe": s}, ps,
+                await _fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "parity", "stripe": s}, ps,
                              memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps], daemon.recover_progress)
                 have[k + j] = [(st.name, k * Ls + j * ps, ps)]
             if len(have) < k:
@@ -257,6 +262,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
         mf, raw = decoded[rank]
         daemon._commit_seq += 1
         slot.commit(mf, raw, daemon._commit_seq)
+        slot.epoch = epoch
         try:
             await loop.run_in_executor(daemon._pool, verify_slot, slot)
         except Exception as exc:
@@ -266,7 +272,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, live: list[int
     for s, j in p.parity_stripes(me):
         base, ps = layout[s]
         await rebuild_stripe(s, {k + j: [(parity.name, base, ps)]})
-    gc.adopt_rebuilt(job, step, sizes, manifests, views, parity, layout, headers)
+    gc.adopt_rebuilt(job, step, sizes, manifests, views, parity, layout, headers, epoch)
     jobstate.recorded = [step]
     jobstate.group_recorded = [step]
     daemon.jobs[job] = jobstate

@@ -200,7 +200,7 @@ class Daemon:
             codec = await loop.run_in_executor(self._pool, pick_ec_type)
             self.group = Group(self.cfg, self.instance, codec, self._fenced)
             await self.group.setup_codec(loop, self._pool)
-            for job, step in self.group.gc.adopt_saved(self._payload):
+            for job, step, _epoch in self.group.gc.adopt_saved(self._payload):
                 self.jobs[job].group_recorded = [step]
             await self.group.start()
         sock = self._bind()
@@ -394,7 +394,7 @@ class Daemon:
 
     def h_begin(self, f, payload):
         job = self._job(f["job"])
-        slot, why = job.begin(f["rank"], f["session"], f["step"])
+        slot, why = job.begin(f["rank"], f["session"], f["step"], f.get("epoch", 0))
         if slot is None:
             log.info("job %s rank %d step %d skipped: %s", job.job, f["rank"], f["step"], why)
             return {"skip": why}
@@ -454,6 +454,7 @@ class Daemon:
         manifests = msgpack.packb({
             s.header.rank: bytes(s.mm[s.header.manifest_offset : s.header.manifest_offset + s.header.manifest_len])
             for s in slots}, use_bin_type=True)
+        epoch = max(s.epoch for s in slots)  # the launch of the job the ranks agreed on (0: unknown)
         token = f"group-{step}"
         limit = self.cfg.timeouts.group_commit
         for s in slots:  # the data must stay whole while it is being sent
@@ -463,19 +464,21 @@ class Daemon:
         async def run() -> None:
             ok, why = False, ""
             try:
-                await self.group.gc.start(job.job, step, views, manifests)
-                await self.group.gc.wait(job.job, step, limit)
+                await self.group.gc.start(job.job, step, views, manifests, epoch)
+                await self.group.gc.wait(job.job, step, limit, epoch)
                 ok = True
             except Exception as exc:  # degraded or timed out: the version stays at local level
                 why = str(exc)
                 log.warning("job %s step %d stays at local level: %s", job.job, step, exc)
-                self.group.gc.abandon(job.job, step)
+                self.group.gc.abandon(job.job, step, epoch)
             finally:
                 for s in slots:
                     s.pins.pop(token, None)
             if ok and self.jobs.get(job.job) is job and any(s.step == step for s in slots):
                 job.group_recorded = (job.group_recorded + [step])[-16:]
-                for old in [k for k in self.group.gc.versions if k[0] == job.job and k[1] < step]:
+                # the new group-level version replaces every other of the job (older steps, other launches)
+                for old in [k for k in self.group.gc.versions if k[0] == job.job and k != (job.job, step, epoch)
+                            and (k[1] < step or k[2] != epoch)]:
                     self.faults.hit(Phase.RELEASE)
                     self.group.gc.release(*old)  # parity of older versions: the new one replaces it
             if not waiter.done():
@@ -517,7 +520,7 @@ class Daemon:
         async def inventory(j: int) -> list:
             try:
                 r = await self.group.clients[j].request("inventory", {}, timeout=self.cfg.timeouts.heartbeat * 2)
-                return [(j, step) for jb, step in r.fields.get("versions", []) if jb == job]
+                return [(j, v[1]) for v in r.fields.get("versions", []) if v[0] == job]
             except ShardkeepError:
                 return []
 

@@ -29,6 +29,7 @@ _int, _str, _bool, _job = int_range, str_max, boolean, job_id
 
 
 STEP = _int(0, MAX_STEP)
+EPOCH = _int(0, MAX_STEP)  # a launch of a job, agreed by its ranks at restore()
 RANK = _int(0, MAX_RANK)
 SIZE = _int(0, 1 << 50)
 TOKEN = _str(64)
@@ -41,7 +42,7 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
         {"slots": _int(2, 8), "pid": _int(0, 1 << 32)},
         0,
     ),
-    "begin": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN}, {}, 0),
+    "begin": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN}, {"epoch": EPOCH}, 0),
     "commit": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN, "slot": _int(0, 1 << 32)}, {}, 1),
     "abort": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN, "slot": _int(0, 1 << 32)},
               {"reason": _str(4096)}, 0),
