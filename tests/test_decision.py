@@ -21,18 +21,19 @@ class Net:
     def __init__(self, n: int, m: int) -> None:
         self.n = n
         self.dead: set[int] = set()
+        self.suspect: set[tuple[int, int]] = set()   # (observer, j): observer wrongly thinks j is down
         self.drop = lambda src, dst, mtype: False   # tests replace it
         p = Placement(n, m)
         spec = SimpleNamespace(k=p.k, m=m, piece=4096)
         self.gcs = [GroupCommit(i, p, spec, None, f"x{i}", self._no_data, self._broadcaster(i),
                                 coordinator=self._coordinator(i), ask=self._asker(i), live=self._live(i),
-                                resolve_timeout=3.0) for i in range(n)]
+                                resolve_timeout=3.0, commit_timeout=0.3) for i in range(n)]
 
     async def _no_data(self, *a, **k) -> None:
         raise AssertionError("no data path in these tests")
 
     def _live(self, i):
-        return lambda: [j for j in range(self.n) if j != i and j not in self.dead]
+        return lambda: [j for j in range(self.n) if j != i and j not in self.dead and (i, j) not in self.suspect]
 
     def _coordinator(self, i):
         return lambda: min([i, *self._live(i)()])
@@ -166,4 +167,45 @@ def test_a_commit_from_a_node_that_never_saw_our_ack_is_refused():
         with pytest.raises(ShardkeepError, match="never acked"):
             net.gcs[1].on_control(0, "committed", {"job": "job", "step": 5})
         assert v.decided == ""
+    run(main())
+
+
+def test_a_version_some_nodes_never_join_is_closed_everywhere():
+    """Node 2's trainers died before committing step 5 locally: the others heard of step 5 (and may
+    even have acked), node 2 only through their messages. Nobody may keep it open for ever."""
+    async def main():
+        net = Net(3, 1)
+        net.drop = lambda src, dst, mtype: mtype == "abort" and dst == 2  # the coordinator's word is lost
+        for i in (0, 1):
+            net.acked(i)
+        await asyncio.sleep(0.01)
+        assert net.gcs[2].outcome("job", 5) == "pending"  # known at node 2 only from the others
+        out = await net.outcomes([0, 1], timeout=0.2)
+        assert out == {0: "abort", 1: "abort"}
+        assert net.gcs[2].outcome("job", 5) == "pending"
+        await asyncio.sleep(1.5)  # node 2's watchdog: commit_timeout + 1
+        assert all(g.outcome("job", 5) == "abort" for g in net.gcs)
+        assert ("job", 5, 0) not in net.gcs[2].versions
+        with pytest.raises(GroupCommitAborted):  # joining late is refused at once
+            await net.gcs[2].start("job", 5, [])
+    run(main())
+
+
+def test_a_falsely_suspected_coordinator_keeps_deciding_and_nobody_disagrees():
+    """Under load node 1 misses node 0's heartbeats and thinks it is the coordinator. Node 0 is alive
+    and will commit; node 1 must not abort on its own (which would split the survivors)."""
+    async def main():
+        net = Net(3, 1)
+        net.suspect = {(1, 0), (2, 0)}
+        net.drop = lambda src, dst, mtype: mtype == "ack" and src == 2 and dst == 0  # node 0 lacks one ack
+        for i in range(3):
+            net.acked(i)
+        await asyncio.sleep(0.01)
+        net.gcs[1].peers_down({0})  # node 1 acts on the suspicion: it asks node 0 first
+        await asyncio.sleep(0.05)
+        assert [g.outcome("job", 5) for g in net.gcs] == ["pending"] * 3
+        net.drop = lambda src, dst, mtype: False
+        net.gcs[0].on_control(2, "ack", {"job": "job", "step": 5})  # the late ack: node 0 commits
+        await asyncio.sleep(0.01)
+        assert [g.outcome("job", 5) for g in net.gcs] == ["commit"] * 3
     run(main())

@@ -35,7 +35,7 @@ from shardkeep.proto.transport import Channel
 
 from .demo import _first_difference, _fmt_s, _load_dump, _wait_daemon, console
 
-FLAGS = ["--insecure", "--heartbeat", "0.5", "--peer-timeout", "2", "--group-commit-timeout", "10",
+FLAGS = ["--insecure", "--heartbeat", "0.5", "--peer-timeout", "3", "--group-commit-timeout", "10",
          "--log-level", "WARNING"]
 
 
@@ -307,6 +307,8 @@ def run_group_demo(args: argparse.Namespace) -> int:
 def _settled(survivors: list[Node], job: str, timeout: float = 60.0) -> int:
     """Wait until no survivor waits on a decision; the newest group-level step they all hold."""
     deadline = time.monotonic() + timeout
+    tops: set = set()
+    pending: list = []
     while time.monotonic() < deadline:
         sts = [nd.request("status") for nd in survivors]
         pending = [v for st in sts for v in st["group"]["versions"] if v["job"] == job and v["decision"] == "pending"]
@@ -315,4 +317,5 @@ def _settled(survivors: list[Node], job: str, timeout: float = 60.0) -> int:
         if not pending and len(tops) == 1 and None not in tops:
             return tops.pop()
         time.sleep(0.2)
-    raise RuntimeError("the survivors did not settle on one group-level step")
+    raise RuntimeError(f"the survivors did not settle on one group-level step within {timeout:.0f} s: "
+                       f"newest group-level steps {tops}, undecided versions {pending}")

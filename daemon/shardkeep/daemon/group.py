@@ -80,7 +80,7 @@ class Group:
         self.gc = GroupCommit(self.node, self.placement, spec, self.codec_pool, f"{self.cfg.shm_prefix}-g",
                               self._send_data, self._broadcast, executor, coordinator=self.coordinator,
                               ask=self._ask, tell=self._tell, live=self.live_peers,
-                              resolve_timeout=t.peer_down * 2 + 5)
+                              resolve_timeout=t.peer_down * 2 + 5, commit_timeout=t.group_commit)
 
     async def _tell(self, j: int, mtype: str, fields: dict) -> None:
         """A one-way control message to one peer."""

@@ -104,7 +104,8 @@ class GroupCommit:
                  executor: Any = None, *, coordinator: Callable[[], int] | None = None,
                  ask: Callable[[int, str, dict], Awaitable[dict]] | None = None,
                  tell: Callable[[int, str, dict], Awaitable[None]] | None = None,
-                 live: Callable[[], list[int]] | None = None, resolve_timeout: float = 15.0) -> None:
+                 live: Callable[[], list[int]] | None = None, resolve_timeout: float = 15.0,
+                 commit_timeout: float = 30.0) -> None:
         if spec.k != placement.k or spec.m != placement.m:
             raise ValueError("codec spec and placement disagree on k and m")
         self.node, self.p, self.spec, self.pool = node, placement, spec, pool
@@ -115,6 +116,7 @@ class GroupCommit:
         self.tell = tell or _no_tell
         self.live = live or (lambda: [])
         self.resolve_timeout = resolve_timeout
+        self.commit_timeout = commit_timeout
         self.faults = fault_plan()
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step, epoch): late messages dropped
@@ -145,6 +147,7 @@ class GroupCommit:
         v = self.versions.get((job, step, epoch))
         if v is None:
             v = self.versions[(job, step, epoch)] = _Version(job, step, epoch)
+            self._spawn(self._watchdog(v))
             v.committed = asyncio.get_running_loop().create_future()
         return v
 
@@ -157,6 +160,9 @@ class GroupCommit:
         ``manifests`` (this node's ranks' manifests) go to every node, so that a
         rebuild of this node can recreate its slots from any survivor.
         """
+        if (job, step, epoch) in self.abandoned:
+            raise GroupCommitAborted(f"group commit of job {job!r} step {step} was aborted before this node "
+                                     "joined it")
         v = self._v(job, step, epoch)
         v.views = views
         v.sizes[self.node] = sum(len(x) for x in views)
@@ -181,16 +187,30 @@ class GroupCommit:
                    f"(sizes from {sorted(v.sizes)}, parity stored for stripes {sorted(v.stored)}, "
                    f"acks from {sorted(v.acks)}, rows encoded {v.rows_done} of {v.rows}, early {len(v.early)})")
             if self.coordinator() == self.node:
-                self._decide(v, "commit" if len(v.acks) == self.p.n else "abort", broadcast=True, reason=why)
+                await self._coordinate(v, "commit" if len(v.acks) == self.p.n else "abort", why)
             elif not v.acked:
                 self._decide(v, "abort", broadcast=False, reason=why)
-            else:
+            if not v.decided:
                 await self._resolve(v)
             ok = v.committed.result()
             if not ok:
                 raise ShardkeepTimeoutError(why, what="group-commit", after=timeout) from None
         if not ok:
             raise GroupCommitAborted(f"group commit of job {job!r} step {step} was aborted: {v.reason}")
+
+    async def _watchdog(self, v: _Version) -> None:
+        """A version other nodes began but this one never joined (its trainers died first, say) must not
+        stay open for ever: after the group-commit timeout it is aborted (it cannot commit without us)."""
+        assert v.committed is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(v.committed), self.commit_timeout + 1)
+        except asyncio.TimeoutError:
+            if v.views is None and not v.decided and self.versions.get((v.job, v.step, v.epoch)) is v:
+                why = f"node {self.node} never joined it within {self.commit_timeout:.0f}s"
+                if self.coordinator() == self.node:
+                    await self._coordinate(v, "abort", why)
+                if not v.decided:
+                    self._decide(v, "abort", broadcast=False, reason=why)
 
     async def _resolve(self, v: _Version) -> None:
         """Learn the decision on a version this node acked: ask the survivors, or decide as coordinator."""
@@ -208,9 +228,10 @@ class GroupCommit:
                 elif "abort" in heard:
                     self._decide(v, "abort", broadcast=True, reason="aborted by the coordinator")
                 else:
-                    self._decide(v, "commit" if len(v.acks) == self.p.n else "abort", broadcast=True,
-                                 reason=f"no decision arrived; acks from {sorted(v.acks)}")
-                break
+                    await self._coordinate(v, "commit" if len(v.acks) == self.p.n else "abort",
+                                           f"no decision arrived; acks from {sorted(v.acks)}")
+                if v.committed.done():
+                    break
             heard = await self._ask_outcomes(v)
             if v.committed.done():
                 break
@@ -218,7 +239,7 @@ class GroupCommit:
                 self._decide(v, "commit" if "commit" in heard else "abort", broadcast=False,
                              reason="aborted by the coordinator")
                 break
-            if loop.time() > deadline:
+            if loop.time() > deadline and not v.committed.done():
                 # nobody knows and we do not decide: keeping the data would block this node's
                 # snapshots forever; no live node recorded it, so the version before stays whole
                 self._decide(v, "abort", broadcast=False,
@@ -239,10 +260,41 @@ class GroupCommit:
             if v.decided:
                 continue
             if len(v.acks) == self.p.n:
-                self._decide(v, "commit", broadcast=True)
+                self._spawn(self._coordinate(v, "commit", ""))
             elif down - v.acks:
-                self._decide(v, "abort", broadcast=True,
-                             reason=f"node(s) {sorted(down - v.acks)} went down before acknowledging")
+                self._spawn(self._coordinate(
+                    v, "abort", f"node(s) {sorted(down - v.acks)} went down before acknowledging"))
+
+    async def _coordinate(self, v: _Version, proposal: str, reason: str) -> None:
+        """Decide v as the coordinator (the lowest node this one sees up).
+
+        A node is coordinator because every lower node seems down; under load
+        that can be a false suspicion, and two deciders could disagree.  So it
+        first asks the lower nodes: a decision one of them heard wins; one that
+        answers "pending" is alive and decides itself; only when none answers
+        (or none knows the version) does this node decide.
+        """
+        if v.decided:
+            return
+        lower = list(range(self.node))
+        if lower and self.ask is not None:
+            async def one(j: int) -> str:
+                try:
+                    return str((await self.ask(j, "outcome", _ident(v))).get("outcome", ""))
+                except Exception:
+                    return ""  # down, as we thought
+
+            answers = set(await asyncio.gather(*(one(j) for j in lower)))
+            if v.decided:
+                return
+            if "commit" in answers or "abort" in answers:
+                self._decide(v, "commit" if "commit" in answers else "abort", broadcast=True,
+                             reason="decided by a lower node")
+                return
+            if "pending" in answers:
+                log.info("node %d: a lower node is up and decides job %s step %d", self.node, v.job, v.step)
+                return
+        self._decide(v, proposal, broadcast=True, reason=reason)
 
     async def _ask_outcomes(self, v: _Version) -> set[str]:
         if self.ask is None:
@@ -276,6 +328,8 @@ class GroupCommit:
         if v.committed is not None and not v.committed.done():
             v.committed.set_result(outcome == "commit")
         self.recent.append(self.timing(v))
+        if outcome == "abort" and v.views is None and self.versions.get((v.job, v.step, v.epoch)) is v:
+            self.abandon(v.job, v.step, v.epoch)  # never joined here: nobody else will free it
         if outcome == "commit":
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
             if v.parity is not None and not v.record:
@@ -501,8 +555,11 @@ class GroupCommit:
             self._check_committed(v)
 
     def _check_committed(self, v: _Version) -> None:
-        if len(v.acks) == self.p.n and self.coordinator() == self.node:
-            self._decide(v, "commit", broadcast=True)
+        if len(v.acks) == self.p.n and self.coordinator() == self.node and not v.decided:
+            if self.node == 0:
+                self._decide(v, "commit", broadcast=True)
+            else:  # coordinator only because lower nodes seem down: make sure first
+                self._spawn(self._coordinate(v, "commit", ""))
 
     def timing(self, v: _Version) -> dict:
         """Where the time of one version went on this node (seconds; bytes of this node's encode)."""
