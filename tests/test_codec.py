@@ -536,3 +536,34 @@ print("OK")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr
+
+
+def test_worker_mapping_cache_lets_go_of_unlinked_segments(tmp_path):
+    """The daemon removes staging and old parity every version: a worker that kept them mapped would
+    hold their memory for ever (/dev/shm no longer lists them, but the pages stay)."""
+    import secrets
+
+    from shardkeep.daemon.codec_worker import SHM_DIR, SegmentCache
+
+    names = [f"sktcache{secrets.token_hex(4)}-{i}" for i in range(3)]
+    for nm in names:
+        with open(os.path.join(SHM_DIR, nm), "wb") as f:
+            f.write(b"x" * 8192)
+    cache = SegmentCache()
+    try:
+        for nm in names:
+            cache.release(cache.acquire(nm))
+        assert set(cache.maps) == set(names)
+        os.unlink(os.path.join(SHM_DIR, names[0]))
+        m = cache.acquire(names[1])  # any later use sweeps
+        assert names[0] not in cache.maps and set(cache.maps) == set(names[1:])
+        os.unlink(os.path.join(SHM_DIR, names[2]))
+        cache.release(m)  # and so does the end of a request
+        assert set(cache.maps) == {names[1]}
+    finally:
+        cache.close()
+        for nm in names:
+            try:
+                os.unlink(os.path.join(SHM_DIR, nm))
+            except FileNotFoundError:
+                pass

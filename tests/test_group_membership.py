@@ -150,7 +150,7 @@ def test_a_group_needs_keys_unless_insecure(tmp_path):
                       "--peers", "tcp://127.0.0.1:1,tcp://127.0.0.1:2"),
         capture_output=True, text=True, timeout=60,
     )
-    assert r.returncode == 1 and "--curve-secret" in r.stderr
+    assert r.returncode == 2 and "--curve-secret" in r.stderr
 
 
 def test_mismatched_parity_is_refused_naming_both_sides(make_daemon):

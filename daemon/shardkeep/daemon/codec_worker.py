@@ -115,6 +115,7 @@ class SegmentCache:
         key = (st.st_dev, st.st_ino, st.st_size)
         m = self.maps.get(name)
         if m is not None and m.key == key:
+            self._evict()
             self.maps.move_to_end(name)
             m.pins += 1
             return m
@@ -130,6 +131,16 @@ class SegmentCache:
 
     def release(self, m: _Mapping) -> None:
         m.pins -= 1
+        if m.pins == 0:
+            self._evict()
+
+    def _gone(self, name: str, m: _Mapping) -> bool:
+        """The daemon unlinked (or replaced) the file: keeping it mapped would keep its memory alive."""
+        try:
+            st = os.lstat(os.path.join(SHM_DIR, name))
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino, st.st_size) != m.key
 
     def _map(self, name: str, path: str) -> _Mapping:
         writable = True
@@ -159,6 +170,11 @@ class SegmentCache:
 
     def _evict(self) -> None:
         self._zombies = [z for z in self._zombies if z.pins or not z.close()]
+        for name, m in list(self.maps.items()):  # segments the daemon removed (staging, old parity)
+            if not m.pins and self._gone(name, m):
+                del self.maps[name]
+                if not m.close():
+                    self._zombies.append(m)
         if len(self.maps) <= self.max_open:
             return
         for name in list(self.maps):

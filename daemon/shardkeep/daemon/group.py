@@ -43,11 +43,13 @@ def _with_host(endpoint: str, host: str) -> str:
 
 
 class Group:
-    def __init__(self, cfg: Any, instance: str, codec: str, on_fenced: Callable[[str], None]) -> None:
+    def __init__(self, cfg: Any, instance: str, codec: str, on_fenced: Callable[[str], None],
+                 on_skip: Callable[[int, dict], None] | None = None) -> None:
         self.cfg = cfg
         self.instance = instance
         self.codec = codec
         self.on_fenced = on_fenced
+        self.on_skip = on_skip
         self.node: int = cfg.node
         self.n = len(cfg.peers)
         self.placement = Placement(self.n, cfg.parity)
@@ -81,6 +83,12 @@ class Group:
                               self._send_data, self._broadcast, executor, coordinator=self.coordinator,
                               ask=self._ask, tell=self._tell, live=self.live_peers,
                               resolve_timeout=t.peer_down * 2 + 5, commit_timeout=t.group_commit)
+
+    def broadcast_soon(self, mtype: str, fields: dict) -> None:
+        """A one-way message to every peer, sent from a task (for callers that cannot await)."""
+        task = asyncio.get_running_loop().create_task(self._broadcast(mtype, fields))
+        self._tasks.append(task)
+        self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _tell(self, j: int, mtype: str, fields: dict) -> None:
         """A one-way control message to one peer."""
@@ -278,6 +286,10 @@ class Group:
             return None
         if msg.type in ("local-commit", "ack", "committed", "abort") and self.gc is not None:
             self.gc.on_control(msg.src, msg.type, msg.fields, msg.payload)
+            return None
+        if msg.type == "skip":
+            if self.on_skip is not None:
+                self.on_skip(msg.src, msg.fields)
             return None
         if msg.type == "pull" and self.gc is not None:
             self.gc._spawn(self.gc.serve_pull(msg.src, msg.fields))

@@ -251,6 +251,15 @@ class GroupCommit:
             except asyncio.TimeoutError:
                 pass
 
+    def abort_version(self, job: str, step: int, epoch: int, reason: str) -> None:
+        """A node skipped the step: it will never commit, so nobody waits for it."""
+        v = self.versions.get((job, step, epoch))
+        if v is None:
+            self.abandoned[(job, step, epoch)] = True  # its local-commits may still arrive: drop them
+            return
+        if not v.decided:
+            self._decide(v, "abort", broadcast=False, reason=reason)
+
     def peers_down(self, down: set[int]) -> None:
         """Peers just went down: the coordinator decides what they leave undecided without waiting out
         the group-commit timeout (every ack in: commit; a lost node's ack missing: abort)."""

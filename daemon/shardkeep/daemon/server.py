@@ -198,7 +198,7 @@ class Daemon:
 
             loop = asyncio.get_running_loop()
             codec = await loop.run_in_executor(self._pool, pick_ec_type)
-            self.group = Group(self.cfg, self.instance, codec, self._fenced)
+            self.group = Group(self.cfg, self.instance, codec, self._fenced, self._peer_skipped)
             await self.group.setup_codec(loop, self._pool)
             for job, step, _epoch in self.group.gc.adopt_saved(self._payload):
                 self.jobs[job].group_recorded = [step]
@@ -397,6 +397,11 @@ class Daemon:
         slot, why = job.begin(f["rank"], f["session"], f["step"], f.get("epoch", 0))
         if slot is None:
             log.info("job %s rank %d step %d skipped: %s", job.job, f["rank"], f["step"], why)
+            if self.group is not None and not why.startswith(f"step {f['step']} was aborted"):
+                # the invariant across the group: a step one rank skips is aborted on every node, at once
+                # (not when the other nodes' group commit of it times out, pinning their slots meanwhile)
+                self.group.broadcast_soon("skip", {"job": job.job, "step": f["step"], "epoch": f.get("epoch", 0),
+                                                   "ranks": [f["rank"]], "reason": why[:200]})
             return {"skip": why}
         return {"slot": slot.id, "history": job.history}
 
@@ -459,7 +464,9 @@ class Daemon:
         limit = self.cfg.timeouts.group_commit
         for s in slots:  # the data must stay whole while it is being sent
             s.pins[token] = time.monotonic() + limit + 60
-        waiter = self._group_waiters.setdefault((job.job, step), asyncio.get_running_loop().create_future())
+        # a new future even if the step was group-committed before: after a restart the step runs again
+        # (another epoch), and the old attempt's outcome must not answer for the new one
+        waiter = self._group_waiters[(job.job, step)] = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
             ok, why = False, ""
@@ -483,9 +490,22 @@ class Daemon:
                     self.group.gc.release(*old)  # parity of older versions: the new one replaces it
             if not waiter.done():
                 waiter.set_result(("group", "") if ok else ("local", why))
-            asyncio.get_running_loop().call_later(60, self._group_waiters.pop, (job.job, step), None)
+            asyncio.get_running_loop().call_later(60, self._forget_waiter, (job.job, step), waiter)
 
         asyncio.get_running_loop().create_task(run())
+
+    def _peer_skipped(self, src: int, f: dict) -> None:
+        """Node ``src`` skipped (job, step): abort it here too, and its group commit."""
+        job = self.jobs.get(f["job"])
+        why = f"node {src} skipped it: {f.get('reason', '')}"
+        if job is not None:
+            job.abort_step(f["step"], why)
+        if self.group is not None and self.group.gc is not None:
+            self.group.gc.abort_version(f["job"], f["step"], f.get("epoch", 0), why)
+
+    def _forget_waiter(self, key: tuple[str, int], waiter: asyncio.Future) -> None:
+        if self._group_waiters.get(key) is waiter:
+            del self._group_waiters[key]
 
     def h_abort(self, f, payload):
         job = self._job(f["job"])
@@ -572,6 +592,8 @@ class Daemon:
         step = f["step"]
         if any(s.state == STATE_COMMITTED and s.step > step for s in job.all_slots()):
             job.start_history(f"rank {f['rank']} resumed from step {step}", keep=lambda v: v <= step)
+        for s in [s for s in job.aborted if s > step]:  # the old run's skips: the steps run again now
+            del job.aborted[s]
         return {"history": job.history}
 
     def h_finish(self, f, payload):
