@@ -22,12 +22,16 @@ from shardkeep.daemon import keys as keysmod
 from shardkeep.daemon.keys import keygen, load_public_dir, load_secret
 from shardkeep.daemon.peerlink import (
     DATA_KINDS,
+    RECV_KEYS,
     PEER_SCHEMAS,
     ControlClient,
     ControlServer,
     DataPlane,
     PeerContext,
     PeerSecurity,
+    _data_header,
+    data_tag,
+    key_id,
     new_session_key,
     seal,
     split_address,
@@ -467,6 +471,12 @@ async def close_all(*things):
         await t.close()
 
 
+def _forge_with_kid(key: bytes, src: int, dst: int, seq: int, payload: bytes) -> list:
+    """A frame naming ``key``'s id but tagged with another key."""
+    header = _data_header(src, dst, seq, "chunk", {}, len(payload), key_id(key))
+    return [header, payload, data_tag(new_session_key(), header, memoryview(payload))]
+
+
 def test_data_plane_verifies_and_drops_forgeries(keydir):
     async def main():
         p0, p1, d0, d1, k01 = await data_pair(keydir)
@@ -493,7 +503,8 @@ def test_data_plane_verifies_and_drops_forgeries(keydir):
             forgeries = [
                 ("bad-tag", flipped()),                                            # one payload bit flipped
                 ("bad-tag", seal(k21, 2, 1, 2, "chunk", {}, b"y" * 64)[:2] + [bytes(32)]),  # wrong tag
-                ("bad-tag", seal(new_session_key(), 2, 1, 2, "chunk", {}, b"z")),  # wrong key
+                ("no-key", seal(new_session_key(), 2, 1, 2, "chunk", {}, b"z")),   # a key node 1 never chose
+                ("bad-tag", _forge_with_kid(k21, 2, 1, 2, b"zz")),                   # its key id, another key
                 ("replay", good),                                                  # replayed seq
                 ("replay", seal(k21, 2, 1, 1, "chunk", {}, b"other")),             # reused seq, valid tag
                 ("wrong-dst", seal(k01, 0, 2, 99, "chunk", {}, b"for node 2")),    # wrong dst
@@ -518,15 +529,23 @@ def test_data_plane_verifies_and_drops_forgeries(keydir):
             assert got == [(0, 2), (2, 2)]
             assert d1.forged_dropped == len(forgeries)
 
-            # a rekey restarts the sequence; the old key no longer verifies
+            # a rekey restarts the sequence; HELLOs that cross may leave the sender on the previous key, so
+            # the last few keys still verify; a key RECV_KEYS rekeys old does not
             k01b = new_session_key()
             d1.set_recv_key(0, k01b)
-            await d0.send(1, "chunk", {}, b"old key")
-            await until(lambda: d1.drop_reasons["bad-tag"] == 4, what="old-key drop")
+            await d0.send(1, "chunk", {}, b"previous key")
+            m = await d1.recv(timeout=5)
+            assert (m.seq, bytes(m.payload)) == (3, b"previous key")
             d0.set_send_key(1, k01b)
             await d0.send(1, "chunk", {}, b"new key")
             m = await d1.recv(timeout=5)
             assert (m.seq, bytes(m.payload)) == (1, b"new key")
+            for _ in range(RECV_KEYS):
+                d1.set_recv_key(0, new_session_key())
+            no_key = d1.drop_reasons.get("no-key", 0)
+            await d0.send(1, "chunk", {}, b"stale key")
+            await until(lambda: d1.drop_reasons.get("no-key", 0) == no_key + 1, what="stale-key drop")
+            d1.forget_peer_keys(0)  # a replaced node: none of its keys verifies any more
 
             # sender-side errors
             with pytest.raises(ValueError, match="kind"):

@@ -321,6 +321,8 @@ class Group:
             if old is not None:
                 asyncio.create_task(old.close())
         rec.data = f["data"]
+        if replaced:  # nothing the old node holds may verify any more (a fenced node stays unheard)
+            self.data.forget_peer_keys(src)
         if isinstance(f.get("key"), bytes):
             self.data.set_send_key(src, f["key"])
         mine = new_session_key()

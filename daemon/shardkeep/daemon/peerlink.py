@@ -1118,8 +1118,17 @@ def data_tag(key: bytes, header: bytes, payload: Any) -> bytes:
     return h.digest()
 
 
-def _data_header(src: int, dst: int, seq: int, kind: str, meta: dict[str, Any], nbytes: int) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "src": src, "dst": dst, "seq": seq, "kind": kind,
+RECV_KEYS = 4  # receive keys remembered per sender
+
+
+def key_id(key: bytes) -> int:
+    """The id of a data key, the same on both ends: the first 8 bytes of its BLAKE3, as an int."""
+    return int.from_bytes(blake3.blake3(key).digest(length=8), "little") >> 1
+
+
+def _data_header(src: int, dst: int, seq: int, kind: str, meta: dict[str, Any], nbytes: int,
+                 kid: int = 0) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "src": src, "dst": dst, "seq": seq, "kid": kid, "kind": kind,
                           "n": nbytes, "meta": meta}, use_bin_type=True)
 
 
@@ -1127,7 +1136,7 @@ def seal(key: bytes, src: int, dst: int, seq: int, kind: str, meta: dict[str, An
          payload: Any) -> list:
     """The three frames ``[header, payload, tag]`` of one data message (payload passed through)."""
     mv = memoryview(payload)
-    header = _data_header(src, dst, seq, kind, meta or {}, mv.nbytes)
+    header = _data_header(src, dst, seq, kind, meta or {}, mv.nbytes, key_id(key))
     return [header, payload, data_tag(key, header, mv)]
 
 
@@ -1214,10 +1223,12 @@ class DataPlane:
         self.drop_reasons: collections.Counter[str] = collections.Counter()
         self._queue: asyncio.Queue[DataMessage] = asyncio.Queue(maxsize=queue_size)
         self._send_keys: dict[int, bytes] = {}
+        self._send_kid: dict[int, int] = {}
         self._send_seq: dict[int, int] = {}
-        self._recv_keys: dict[int, bytes] = {}
-        self._recv_epoch: dict[int, int] = {}
-        self._last_seq: dict[int, int] = {}
+        # the last RECV_KEYS keys this node chose for each sender, by key id: HELLOs that cross (each
+        # side greets the other at once) may leave the sender on either of the two newest keys
+        self._recv_keys: dict[int, collections.OrderedDict[int, bytes]] = {}
+        self._last_seq: dict[tuple[int, int], int] = {}
         self._peers: dict[int, _DataPeer] = {}
         self._closing: set[asyncio.Future] = set()
         self._sock: zmq.asyncio.Socket | None = None
@@ -1300,13 +1311,19 @@ class DataPlane:
     def set_send_key(self, dst: int, key: bytes) -> None:
         """Key for messages this node -> ``dst``; restarts the sequence at 1."""
         self._send_keys[dst] = _check_key(key)
+        self._send_kid[dst] = key_id(key)
         self._send_seq[dst] = 0
 
     def set_recv_key(self, src: int, key: bytes) -> None:
         """Key for messages ``src`` -> this node; resets its replay window."""
-        self._recv_keys[src] = _check_key(key)
-        self._recv_epoch[src] = self._recv_epoch.get(src, 0) + 1
-        self._last_seq[src] = 0
+        keys = self._recv_keys.setdefault(src, collections.OrderedDict())
+        kid = key_id(_check_key(key))
+        keys[kid] = key
+        keys.move_to_end(kid)
+        self._last_seq[(src, kid)] = 0
+        while len(keys) > RECV_KEYS:
+            old, _ = keys.popitem(last=False)
+            self._last_seq.pop((src, old), None)
 
     def install_key(self, src: int, dst: int, key: bytes) -> None:
         """Install the (src, dst) key on whichever side this node is."""
@@ -1320,8 +1337,8 @@ class DataPlane:
     def forget_peer_keys(self, peer: int) -> None:
         """Drop both keys for ``peer`` (it left or was replaced): its messages are dropped until rekeyed."""
         self._send_keys.pop(peer, None)
-        self._recv_keys.pop(peer, None)
-        self._recv_epoch[peer] = self._recv_epoch.get(peer, 0) + 1
+        for kid in self._recv_keys.pop(peer, {}):
+            self._last_seq.pop((peer, kid), None)
 
     # --- send ---
 
@@ -1362,7 +1379,7 @@ class DataPlane:
                                        peer=dst)
             seq = self._send_seq[dst] + 1
             self._send_seq[dst] = seq
-            header = _data_header(self.node, dst, seq, kind, meta or {}, mv.nbytes)
+            header = _data_header(self.node, dst, seq, kind, meta or {}, mv.nbytes, self._send_kid[dst])
             if len(header) > MAX_DATA_HEADER_BYTES:
                 raise ValueError(f"{where}: meta too large ({len(header)} byte header, at most {MAX_DATA_HEADER_BYTES})")
             if mv.nbytes >= HASH_IN_THREAD_BYTES:
@@ -1461,12 +1478,12 @@ class DataPlane:
             h = _unpack(hframe, MAX_DATA_HEADER_BYTES, "data header")
         except ProtocolError as exc:
             raise _Drop("malformed", exc.message) from None
-        src, dst, seq, kind, meta, n = (h.get(k) for k in ("src", "dst", "seq", "kind", "meta", "n"))
+        src, dst, seq, kind, meta, n, kid = (h.get(k) for k in ("src", "dst", "seq", "kind", "meta", "n", "kid"))
         hbytes = _frame_bytes(hframe)
         payload = pframe.buffer if isinstance(pframe, zmq.Frame) else memoryview(pframe)
         if (type(h.get("v")) is not int or h["v"] != PROTOCOL_VERSION or type(src) is not int or type(dst) is not int
                 or type(seq) is not int or not 1 <= seq <= MAX_SEQ or not isinstance(kind, str)
-                or not isinstance(meta, dict) or type(n) is not int or len(h) != 7):
+                or not isinstance(meta, dict) or type(n) is not int or type(kid) is not int or len(h) != 8):
             raise _Drop("malformed", "bad header fields")
         if n != payload.nbytes:
             raise _Drop("malformed", f"payload is {payload.nbytes} bytes, header says {n}")
@@ -1474,17 +1491,16 @@ class DataPlane:
             raise _Drop("malformed", f"unknown kind {kind[:32]!r}")
         if dst != self.node:
             raise _Drop("wrong-dst", f"addressed to node {dst}")
-        key = self._recv_keys.get(src)
+        key = self._recv_keys.get(src, {}).get(kid)
         if key is None:
-            raise _Drop("no-key", f"no key for messages from node {src}")
-        epoch = self._recv_epoch.get(src)
+            raise _Drop("no-key", f"no key {kid:#x} for messages from node {src}")
         if payload.nbytes >= HASH_IN_THREAD_BYTES:
             tag = await asyncio.get_running_loop().run_in_executor(self._pool, data_tag, key, hbytes, payload)
         else:
             tag = data_tag(key, hbytes, payload)
         if not hmac.compare_digest(tag, _frame_bytes(tframe)):
             raise _Drop("bad-tag", f"claims node {src}, seq {seq}")
-        if self._recv_epoch.get(src) != epoch:
+        if self._recv_keys.get(src, {}).get(kid) is not key:
             raise _Drop("rekeyed", f"key for node {src} changed while verifying")
         if self.security.curve_data:
             try:
@@ -1493,9 +1509,9 @@ class DataPlane:
                 uid = ""
             if uid != f"node-{src}":
                 raise _Drop("src-mismatch", f"header says node {src}, CURVE key is {uid or 'unknown'}")
-        if seq <= self._last_seq.get(src, 0):
-            raise _Drop("replay", f"seq {seq} from node {src} not above {self._last_seq.get(src, 0)}")
-        self._last_seq[src] = seq
+        if seq <= self._last_seq.get((src, kid), 0):
+            raise _Drop("replay", f"seq {seq} from node {src} not above {self._last_seq.get((src, kid), 0)}")
+        self._last_seq[(src, kid)] = seq
         return DataMessage(src, seq, kind, meta, payload)
 
     async def close(self) -> None:
