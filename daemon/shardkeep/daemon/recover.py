@@ -40,7 +40,14 @@ async def rebuild(daemon: Any) -> dict:
         raise UnavailableError("this daemon has no group to recover from")
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    # a replacement just started may not have heard from its peers yet: give them a moment
+    deadline = t0 + 2 * group.cfg.timeouts.peer_down + 5
+    while time.monotonic() < deadline and not all(group.peer_up(j) for j in group.clients):
+        await asyncio.sleep(0.2)
     live = [j for j, c in group.clients.items() if group.peer_up(j)]
+    if not live:
+        raise UnavailableError(f"no peer of node {group.node}'s group is up: nothing to recover from "
+                               f"(peers: {', '.join(c.address for c in group.clients.values())})")
     held: dict[tuple[str, int], list[int]] = {}
     for j in live:
         try:
