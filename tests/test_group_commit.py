@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import shardkeep_cmd
 from shardkeep.client import Snapshotter
 from test_group_membership import all_up, free_ports, peers_arg, wait_until
 
@@ -41,6 +44,12 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
             (v,) = [v for v in d.status()["group"]["versions"] if v["job"] == job_id]
             assert v["step"] == 3 and v["group_committed"] and v["acks_from"] == [0, 1, 2]
             assert v["manifests_from"] == [0, 1, 2]  # every node can recreate any node's slots
+        # the human status shows the same
+        r = subprocess.run(shardkeep_cmd("status", "--socket", ds[1].socket), capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        assert "coordinator node 0" in r.stdout and "healthy" in r.stdout and "group commits" in r.stdout
+        assert job_id in r.stdout and "commit" in r.stdout and "group level" in r.stdout
         # a node goes away: snapshots go on, and settle at local level
         ds[2].kill()
         futs = []

@@ -33,6 +33,7 @@ def render_status(st: dict[str, Any]) -> None:
         console.print(
             f"group {grp['group']}: node {grp['node']} of {grp['n']}, parity {grp['parity']}, {grp['codec']}, "
             f"generation {grp['generation']}, {grp['security']}"
+            + f", coordinator node {grp.get('coordinator', '?')}"
             + (" [bold red]DEGRADED[/bold red]" if grp["degraded"] else " healthy")
         )
         peers = Table(title="peers")
@@ -43,12 +44,29 @@ def render_status(st: dict[str, Any]) -> None:
                           "[green]up[/green]" if p["up"] else "[red]down[/red]",
                           "-" if p["last_seen_s"] is None else f"{p['last_seen_s']} s ago", p["error"][:60])
         console.print(peers)
+        versions = grp.get("versions", [])
+        if versions:
+            vt = Table(title="group commits (versions this node holds or is committing)")
+            for col in ("job", "step", "decision", "acks from", "parity stripes held", "encode"):
+                vt.add_column(col)
+            for v in versions:
+                t = v.get("timing") or {}
+                enc = t.get("encode_wall_s")
+                vt.add_row(v["job"], str(v["step"]), v.get("decision", "?"), ",".join(map(str, v["acks_from"])),
+                           ",".join(map(str, v["parity_stripes"])) or "-",
+                           "-" if enc is None else f"{format_size(t.get('encode_in_bytes', 0))} in {enc:.2f} s")
+            console.print(vt)
+        rec = st.get("recover")
+        if rec:
+            console.print(f"recover: {rec.get('state')}, stripes {rec.get('stripes_done')}/{rec.get('stripes_total')}, "
+                          f"{format_size(rec.get('bytes_fetched', 0))} fetched")
     jobs = st.get("jobs", [])
     if not jobs:
         console.print("no jobs")
         return
     table = Table(title="jobs")
-    for col in ("job", "ranks", "newest restorable", "restorable steps", "commits", "skips", "memory", "idle"):
+    for col in ("job", "ranks", "newest restorable", "restorable steps", "group level", "commits", "skips",
+                "memory", "idle"):
         table.add_column(col)
     for j in jobs:
         ranks = j.get("ranks", {})
@@ -57,6 +75,7 @@ def render_status(st: dict[str, Any]) -> None:
             f"{len(ranks)}/{j.get('local_world_size')} local, world {j.get('world_size')}",
             str(j.get("newest")),
             ", ".join(map(str, j.get("restorable", []))),
+            str((j.get("group_committed") or ["-"])[0]) if grp else "n/a",
             str(j.get("commits")),
             str(j.get("skips")),
             format_size(j.get("bytes", 0)),
