@@ -20,15 +20,16 @@ def parse(*argv: str):
 
 def test_each_layer_overrides_the_one_below_and_says_so(tmp_path):
     f = tmp_path / "sk.toml"
+    p1, p2 = free_ports(2)  # never bound here, but no test names a fixed port
     f.write_text('slots = 3\nshm_prefix = "fromfile"\nmemory_limit = "2GiB"\n'
-                 'peers = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\n[timeouts]\nheartbeat = 0.5\npeer_down = 4\n')
+                 f'peers = ["tcp://127.0.0.1:{p1}", "tcp://127.0.0.1:{p2}"]\n[timeouts]\nheartbeat = 0.5\npeer_down = 4\n')
     env = {"SHARDKEEP_SLOTS": "4", "SHARDKEEP_TIMEOUTS_PEER_DOWN": "6", "SHARDKEEP_JOB": "ignored: a client variable"}
     cfg, src = load_config({"slots": 5}, env, str(f))
     assert cfg.slots == 5 and src["slots"] == "flag"
     assert cfg.timeouts.peer_down == 6.0 and src["timeouts.peer_down"] == "env SHARDKEEP_TIMEOUTS_PEER_DOWN"
     assert cfg.timeouts.heartbeat == 0.5 and src["timeouts.heartbeat"] == f"file {f}"
     assert cfg.memory_limit == 2 << 30 and cfg.shm_prefix == "fromfile"
-    assert cfg.peers == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]
+    assert cfg.peers == [f"tcp://127.0.0.1:{p1}", f"tcp://127.0.0.1:{p2}"]
     assert cfg.parity == 1 and src["parity"] == "default"
 
 
@@ -54,7 +55,8 @@ def test_bad_environment_names_the_variable():
 
 
 def test_print_config_is_a_config_file_that_gives_the_same_config(tmp_path):
-    cfg, src = parse("--slots", "3", "--peer-timeout", "7", "--peers", "tcp://127.0.0.1:1,tcp://127.0.0.1:2",
+    p1, p2 = free_ports(2)
+    cfg, src = parse("--slots", "3", "--peer-timeout", "7", "--peers", f"tcp://127.0.0.1:{p1},tcp://127.0.0.1:{p2}",
                      "--insecure", "--memory-limit", "1GB", "--shm-prefix", "abc")
     text = render_config(cfg, src)
     assert "slots = 3  # flag" in text and "peer_down = 7.0  # flag" in text and "parity = 1  # default" in text

@@ -16,12 +16,28 @@ from test_group_membership import all_up, free_ports, peers_arg, wait_until
 pytestmark = pytest.mark.slow
 
 
+def common_flags(m: int) -> list[str]:
+    return ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
+
+
+def start_group(make_daemon, n: int, m: int) -> tuple[list, list[int]]:
+    ports = free_ports(n)
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common_flags(m)]) for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    return ds, ports
+
+
+def lose(d) -> None:
+    """A whole node gone: daemon SIGKILLed, its shared memory and state dir wiped."""
+    d.kill()
+    d.wipe_shm()
+    shutil.rmtree(d.state_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("n,m", [(3, 1), (4, 2)])
 def test_replacement_rebuilt_by_shardkeep_recover_restores_bitwise(make_daemon, job_id, n, m):
-    ports = free_ports(n)
-    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
-    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
-    wait_until(lambda: all_up(ds), what="group up")
+    ds, ports = start_group(make_daemon, n, m)
+    common = common_flags(m)
     g = torch.Generator().manual_seed(1)
     states = [{"w": torch.randn(300_000 + 7_777 * i, generator=g), "b": torch.arange(i + 3), "step": 0}
               for i in range(n)]
@@ -42,9 +58,7 @@ def test_replacement_rebuilt_by_shardkeep_recover_restores_bitwise(make_daemon, 
             s.close()
     lost = list(range(n - m, n))  # m whole nodes: trainer gone, daemon killed, shm and state dir wiped
     for i in lost:
-        ds[i].kill()
-        ds[i].wipe_shm()
-        shutil.rmtree(ds[i].state_dir, ignore_errors=True)
+        lose(ds[i])
     new_ports = ports[:]
     for i in lost:
         new_ports[i] = free_ports(1)[0]
@@ -78,10 +92,8 @@ def test_recover_on_a_daemon_without_a_group_fails_clearly(daemon):
 
 def test_more_than_m_lost_nodes_is_a_clear_error_and_nothing_is_restored(make_daemon, job_id):
     n, m = 3, 1
-    ports = free_ports(n)
-    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
-    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
-    wait_until(lambda: all_up(ds), what="group up")
+    ds, ports = start_group(make_daemon, n, m)
+    common = common_flags(m)
     snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
              for i, d in enumerate(ds)]
     try:
@@ -91,9 +103,7 @@ def test_more_than_m_lost_nodes_is_a_clear_error_and_nothing_is_restored(make_da
         for s in snaps:
             s.close()
     for i in (1, 2):  # m + 1 whole nodes
-        ds[i].kill()
-        ds[i].wipe_shm()
-        shutil.rmtree(ds[i].state_dir, ignore_errors=True)
+        lose(ds[i])
     new_ports = [ports[0]] + free_ports(2)
     rep = make_daemon(["--peers", peers_arg(new_ports), "--node", "1", *common])
     wait_until(lambda: next(p for p in rep.status()["group"]["peers"] if p["node"] == 0)["up"], what="joined")
@@ -112,10 +122,8 @@ def test_more_than_m_lost_nodes_is_a_clear_error_and_nothing_is_restored(make_da
 def test_a_replacement_not_yet_recovered_refuses_to_restore_nothing(make_daemon, job_id):
     """restore() on a node that lost its memory says so instead of starting the job from scratch."""
     n, m = 3, 1
-    ports = free_ports(n)
-    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
-    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
-    wait_until(lambda: all_up(ds), what="group up")
+    ds, ports = start_group(make_daemon, n, m)
+    common = common_flags(m)
     snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
              for i, d in enumerate(ds)]
     try:
@@ -124,9 +132,7 @@ def test_a_replacement_not_yet_recovered_refuses_to_restore_nothing(make_daemon,
     finally:
         for s in snaps:
             s.close()
-    ds[2].kill()
-    ds[2].wipe_shm()
-    shutil.rmtree(ds[2].state_dir, ignore_errors=True)
+    lose(ds[2])
     rep = make_daemon(["--peers", peers_arg(ports[:2] + free_ports(1)), "--node", "2", *common])
     wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="joined")
     with Snapshotter(socket=rep.socket, job=job_id, rank=2, world_size=n, local_world_size=1) as snap:
@@ -144,10 +150,8 @@ def test_a_restarted_daemon_re_adopts_its_parity_and_a_later_node_loss_is_still_
     import signal
 
     n, m = 3, 1
-    ports = free_ports(n)
-    common = ["--parity", str(m), "--insecure", "--peer-timeout", "3", "--group-commit-timeout", "20"]
-    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), *common]) for i in range(n)]
-    wait_until(lambda: all_up(ds), what="group up")
+    ds, ports = start_group(make_daemon, n, m)
+    common = common_flags(m)
     g = torch.Generator().manual_seed(3)
     states = [{"w": torch.randn(250_000 + 999 * i, generator=g)} for i in range(n)]
     snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
@@ -171,9 +175,7 @@ def test_a_restarted_daemon_re_adopts_its_parity_and_a_later_node_loss_is_still_
     assert v["group_committed"] and v["parity_stripes"] == [1]
     assert ds[1].status()["dropped_bad_slots"] == 0
     # now node 2 is lost for good
-    ds[2].kill()
-    ds[2].wipe_shm()
-    shutil.rmtree(ds[2].state_dir, ignore_errors=True)
+    lose(ds[2])
     rep = make_daemon(["--peers", peers_arg(ports[:2] + free_ports(1)), "--node", "2", *common])
     wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="replacement joined")
     r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
@@ -224,9 +226,7 @@ def test_group_commit_and_recover_over_curve(make_daemon, job_id, tmp_path, mode
         for s in snaps:
             s.close()
     assert all(d.status()["group"]["forged_data_frames_dropped"] == 0 for d in ds)
-    ds[0].kill()  # the coordinator's node, for good
-    ds[0].wipe_shm()
-    shutil.rmtree(ds[0].state_dir, ignore_errors=True)
+    lose(ds[0])  # the coordinator's node, for good
     rep = make_daemon(["--peers", peers_arg(free_ports(1) + ports[1:]), *flags(0)])
     wait_until(lambda: all(p["up"] for p in rep.status()["group"]["peers"]), what="replacement accepted")
     r = subprocess.run(shardkeep_cmd("recover", "--socket", rep.socket), capture_output=True, text=True, timeout=120)
