@@ -287,13 +287,7 @@ class GroupCommit:
             return
         lower = list(range(self.node))
         if lower and self.ask is not None:
-            async def one(j: int) -> str:
-                try:
-                    return str((await self.ask(j, "outcome", _ident(v))).get("outcome", ""))
-                except Exception:
-                    return ""  # down, as we thought
-
-            answers = set(await asyncio.gather(*(one(j) for j in lower)))
+            answers = await self._ask_outcomes(v, lower)  # the down ones do not answer, as we thought
             if v.decided:
                 return
             if "commit" in answers or "abort" in answers:
@@ -305,9 +299,12 @@ class GroupCommit:
                 return
         self._decide(v, proposal, broadcast=True, reason=reason)
 
-    async def _ask_outcomes(self, v: _Version) -> set[str]:
+    async def _ask_outcomes(self, v: _Version, nodes: list[int] | None = None) -> set[str]:
+        """The outcomes ``nodes`` (default: every live peer) know of v; a peer that does not answer adds ""."""
         if self.ask is None:
             return set()
+        if nodes is None:
+            nodes = [j for j in self.live() if j != self.node]
 
         async def one(j: int) -> str:
             try:
@@ -317,7 +314,7 @@ class GroupCommit:
                 log.debug("outcome of %s step %d from node %d: %r", v.job, v.step, j, exc)
                 return ""
 
-        return set(await asyncio.gather(*(one(j) for j in self.live() if j != self.node)))
+        return set(await asyncio.gather(*(one(j) for j in nodes)))
 
     def outcome(self, job: str, step: int, epoch: int = 0) -> str:
         """What this node knows of (job, step, epoch): commit, abort, pending, or unknown."""
