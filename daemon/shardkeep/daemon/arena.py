@@ -137,21 +137,29 @@ class Slot:
         return memoryview(self.mm)[h.data_offset : h.data_offset + h.data_capacity]
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # a verification view is still alive; the mapping goes with the process
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        _unmap(self.mm, self.fd)
 
     def destroy(self) -> None:
         self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _remove(self.path)
+
+
+def _unmap(mm: mmap.mmap, fd: int) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a view is still alive; the mapping goes with the process
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def segment_name(prefix: str, job: str, rank: int) -> str:
@@ -225,21 +233,11 @@ class Segment:
 
     def close(self) -> None:
         """Unmap and close; the segment stays in /dev/shm (for the next daemon to re-adopt)."""
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        _unmap(self.mm, self.fd)
 
     def destroy(self) -> None:
         self.close()
-        try:
-            os.unlink(os.path.join(SHM_DIR, self.name))
-        except FileNotFoundError:
-            pass
+        _remove(os.path.join(SHM_DIR, self.name))
 
 
 def open_segment(name: str, min_size: int) -> Segment:
