@@ -20,6 +20,7 @@ See benchmarks/README.md for what every number means.
 
     python benchmarks/bench_group.py --quick     # smoke run, 0.05 GB per node, ~2 minutes
     python benchmarks/bench_group.py             # 4 nodes, m=1, 0.4 GB per node
+    python -m shardkeep.bench.group --quick      # the same from an installed package
 """
 
 from __future__ import annotations
@@ -47,11 +48,9 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import bench_single_node as bsn
 import torch
+
+from shardkeep.bench import single_node as bsn
 
 perf = time.perf_counter
 GB = bsn.GB
@@ -360,7 +359,7 @@ class Trainers:
         self.logs = [root / f"trainer{r}.log" for r in range(n)]
         env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
         for r in range(n):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "trainer",
+            cmd = [sys.executable, "-m", "shardkeep.bench.group", "--child", "trainer",
                    "--child-spec", json.dumps(dict(spec, rank=r))]
             with open(self.logs[r], "ab") as lf:
                 p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lf, text=True,
@@ -922,7 +921,7 @@ def loopback(mode: str, keydir: Path, total: int) -> dict:
 
 def encode_bound(n: int, m: int, S: int, reps: int) -> dict:
     """Raw pyeclib encode + one memcpy of one stripe's data bytes (k chunks of ceil(S/k)), tuned malloc."""
-    import bench_codec as bc
+    from shardkeep.bench import codec as bc
     from shardkeep.daemon.codec import make_spec, substripes
 
     k = n - m
@@ -1140,7 +1139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkeep.bench.group") -> int:
+    """``out_dir``: where ``out/group-<timestamp>.json`` goes without ``--out`` and the RESULTS.md that
+    ``--record`` appends to (default: ./benchmarks or ./shardkeep-bench, ``shardkeep.bench.default_out_dir``);
+    ``prog``: the command named in the recorded section."""
     args = parse_args(argv)
     if args.child:
         return child_main(args)
@@ -1148,7 +1150,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_path = Path(args.out) if args.out else HERE / "out" / f"group-{stamp}.json"
+    if out_dir is None:
+        from shardkeep.bench import default_out_dir
+
+        out_dir = default_out_dir()
+    out_dir = Path(out_dir)
+    out_path = Path(args.out) if args.out else out_dir / "out" / f"group-{stamp}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix="skbgroup-", dir=args.tmp_dir))
     n, m = args.nodes, args.parity
@@ -1407,8 +1414,8 @@ def main(argv=None) -> int:
         print("\n" + text, flush=True)
         print(f"\nresults: {out_path}", flush=True)
         if args.record and ok:
-            record(R, text, out_path)
-            print(f"appended to {HERE / 'RESULTS.md'}", flush=True)
+            record(R, text, out_path, out_dir, prog)
+            print(f"appended to {out_dir / 'RESULTS.md'}", flush=True)
     return 0 if ok else 1
 
 
@@ -1869,16 +1876,15 @@ def render(R: dict) -> str:
     return "\n".join(lines).strip("\n")
 
 
-def record(R: dict, text: str, out_path: Path) -> None:
+def record(R: dict, text: str, out_path: Path, out_dir: Path, prog: str) -> None:
     cfg, mach = R["config"], R["machine"]
     day = R["date"][:10]
     st = R.get("state", {})
     try:
-        rel = out_path.resolve().relative_to(HERE.parent)
+        rel = out_path.resolve().relative_to(out_dir.resolve().parent)
     except ValueError:
         rel = out_path
-    cmd = "python benchmarks/bench_group.py" + (" " + " ".join(a for a in sys.argv[1:] if a != "--record")
-                                                if len(sys.argv) > 1 else "")
+    cmd = prog + (" " + " ".join(a for a in sys.argv[1:] if a != "--record") if len(sys.argv) > 1 else "")
     sec = [
         f"\n## Group, n={cfg['nodes']} m={cfg['parity']}, {st.get('bytes', {}).get('total', 0) / GB:.2f} GB per node"
         f" — {day}\n",
@@ -1891,7 +1897,7 @@ def record(R: dict, text: str, out_path: Path) -> None:
         "```",
         "",
     ]
-    with open(HERE / "RESULTS.md", "a") as f:
+    with open(out_dir / "RESULTS.md", "a") as f:
         f.write("\n".join(sec))
 
 

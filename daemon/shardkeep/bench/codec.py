@@ -19,7 +19,8 @@ Load average and date are recorded: absolute figures move 2-3x with load.
 
     python benchmarks/bench_codec.py               # k=3, m=1, 0.4 GB
     python benchmarks/bench_codec.py --quick       # ~40 MB smoke run
-Writes benchmarks/out/codec-<timestamp>.json.
+    python -m shardkeep.bench.codec --quick        # the same from an installed package
+Writes benchmarks/out/codec-<timestamp>.json (./shardkeep-bench/out/ where there is no ./benchmarks).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import numpy as np
 
 from shardkeep.daemon.codec import WORKER_ENV, CodecPool, make_spec, substripes
 
-HERE = Path(__file__).resolve().parent
 SHM = Path("/dev/shm")
 GB = 1e9
 
@@ -185,7 +185,11 @@ def pool_encode(spec, stripe: ShmStripe, chunk_len: int, workers: int, reps: int
     return {"first_s": first, "times_s": times}
 
 
-def main() -> None:
+def main(argv=None, out_dir: Path | None = None) -> None:
+    if out_dir is None:
+        from shardkeep.bench import default_out_dir
+
+        out_dir = default_out_dir()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--m", type=int, default=1)
@@ -195,8 +199,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--ec-type", default=None)
     ap.add_argument("--quick", action="store_true", help="0.04 GB, 2 reps")
-    ap.add_argument("--out", type=Path, default=HERE / "out")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=Path(out_dir) / "out")
+    args = ap.parse_args(argv)
     if args.quick:
         args.stripe_gb, args.reps = 0.04, 2
     k, m = args.k, args.m

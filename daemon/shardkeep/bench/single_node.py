@@ -17,6 +17,7 @@ See benchmarks/README.md for what every number means.
 
     python benchmarks/bench_single_node.py                # 1.6 GB of state, 8 steps per loop
     python benchmarks/bench_single_node.py --quick        # smoke run, 0.1 GB
+    python -m shardkeep.bench.single_node --quick         # the same from an installed package
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import secrets  # noqa: E402
@@ -40,7 +40,6 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,7 +51,6 @@ _T_TORCH = _time.monotonic()
 perf = _time.perf_counter
 GB = 1e9
 SHM = Path("/dev/shm")
-HERE = Path(__file__).resolve().parent
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -542,7 +540,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-spec", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "shardkeep.bench.single_node", "--child", kind, "--child-spec", json.dumps(spec)]
     t_spawn = _time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     t_exit = _time.monotonic()
@@ -808,7 +806,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, out_dir: Path | None = None) -> int:
+    """``out_dir``: where ``out/single_node-<timestamp>.json`` goes without ``--out`` (default: ./benchmarks or
+    ./shardkeep-bench, see ``shardkeep.bench.default_out_dir``)."""
     args = parse_args(argv)
     if args.child:
         return child_main(args)
@@ -817,7 +817,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_path = Path(args.out) if args.out else HERE / "out" / f"single_node-{stamp}.json"
+    if out_dir is None:
+        from shardkeep.bench import default_out_dir
+
+        out_dir = default_out_dir()
+    out_path = Path(args.out) if args.out else Path(out_dir) / "out" / f"single_node-{stamp}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = tempfile.mkdtemp(prefix="skbench-", dir=args.tmp_dir)
     R: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
