@@ -67,9 +67,8 @@ def dst_view(region: torch.Tensor, e: TensorEntry, dtype: torch.dtype) -> torch.
     return raw.view(dtype).view(e.shape)
 
 
-def copy_tensor(src: torch.Tensor, dst: torch.Tensor, nbytes: int, base: int, hasher: ChunkHasher,
-                stream: "torch.cuda.Stream | None" = None) -> None:
-    """Copy ``src`` into ``dst`` (which starts ``base`` bytes into the data region)."""
+def copy_tensor(src: torch.Tensor, dst: torch.Tensor, nbytes: int, base: int, hasher: ChunkHasher | None) -> None:
+    """Copy host tensor ``src`` into ``dst`` (which starts ``base`` bytes into the data region)."""
     if nbytes == 0:
         return
     if src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg():
@@ -77,28 +76,58 @@ def copy_tensor(src: torch.Tensor, dst: torch.Tensor, nbytes: int, base: int, ha
         for off in range(0, nbytes, PIECE):
             n = min(PIECE, nbytes - off)
             ctypes.memmove(dp + off, sp + off, n)
-            hasher.advance(base + off + n)
+            if hasher is not None:
+                hasher.advance(base + off + n)
         return
-    if src.device.type == "cuda" and stream is not None:
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-        stream.synchronize()
-    else:
-        dst.copy_(src)
-    hasher.advance(base + nbytes)
+    dst.copy_(src)
+    if hasher is not None:
+        hasher.advance(base + nbytes)
 
 
 def copy_all(
     tensors: list[torch.Tensor], entries: list[TensorEntry], dtypes: list[torch.dtype],
     region: torch.Tensor, hasher: ChunkHasher, order: list[int], after: Callable[[int], None],
-    stream=None,
+    stream: "torch.cuda.Stream | None" = None, issued: Callable[[object], None] | None = None,
 ) -> None:
     """Copy tensors in ``order``; ``after(i)`` runs once the i-th of the order is in shm.
 
     Checksums need offsets in increasing order, so the layout already follows ``order``.
+
+    With ``stream`` (some tensors live on a GPU): host tensors are copied first
+    (``optimizer.step`` changes some of them in place, e.g. Adam's step counts),
+    then every device-to-host copy is queued on ``stream``, one CUDA event each,
+    and ``issued(last_event)`` runs: from then on training may go on, as long as
+    its own stream waits for ``last_event`` before it writes the state (the hooks
+    do that, without blocking the CPU).  The chunks are hashed as each copy lands.
     """
     with torch.no_grad():  # sources may require grad; the copy must not join their graph
+        if stream is None:
+            for pos, i in enumerate(order):
+                e = entries[i]
+                copy_tensor(tensors[i], dst_view(region, e, dtypes[i]), e.nbytes, e.offset, hasher)
+                after(pos)
+            if issued is not None:
+                issued(None)
+            return
+        events: dict[int, torch.cuda.Event] = {}
+        last = None
+        for i in order:
+            e, t = entries[i], tensors[i]
+            if not t.is_cuda:
+                copy_tensor(t, dst_view(region, e, dtypes[i]), e.nbytes, e.offset, None)
+        with torch.cuda.stream(stream):
+            for i in order:
+                e, t = entries[i], tensors[i]
+                if t.is_cuda and e.nbytes:
+                    dst_view(region, e, dtypes[i]).copy_(t, non_blocking=True)
+                    last = events[i] = torch.cuda.Event()
+                    last.record(stream)
+        if issued is not None:
+            issued(last)
         for pos, i in enumerate(order):
             e = entries[i]
-            copy_tensor(tensors[i], dst_view(region, e, dtypes[i]), e.nbytes, e.offset, hasher, stream)
+            ev = events.get(i)
+            if ev is not None:
+                ev.synchronize()
+            hasher.advance(e.offset + e.nbytes)
             after(pos)

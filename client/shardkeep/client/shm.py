@@ -30,6 +30,8 @@ class Mapping:
     mm: mmap.mmap
     u8: torch.Tensor  # the whole segment as uint8, over the mapping (no copy)
     address: int
+    pinned: bool = False       # page-locking for CUDA was tried (never twice)
+    page_locked: bool = False  # ... and cudaHostRegister succeeded
 
     def region(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.u8[offset : offset + nbytes]
@@ -51,6 +53,13 @@ class SlotMaps:
         with self._lock:
             self._maps[name] = m
         return m
+
+    def pin(self, m: Mapping) -> None:
+        """Page-lock ``m`` for CUDA once (GPU state copied for the first time into it)."""
+        if not m.pinned:
+            with self._lock:
+                if not m.pinned:
+                    _register_with_cuda(m, force=True)
 
     def keep_only(self, names: set[str]) -> None:
         with self._lock:
@@ -116,15 +125,23 @@ def _prefault(m: Mapping) -> None:
         log.debug("cannot pre-fault %s: %s", m.name, exc)
 
 
-def _register_with_cuda(m: Mapping) -> None:
-    """Page-lock the mapping for the CUDA driver, so device-to-host copies run async at full speed."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+def _register_with_cuda(m: Mapping, force: bool = False) -> None:
+    """Page-lock the mapping for the CUDA driver, so device-to-host copies run async at full speed.
+
+    At map time only where the process already uses CUDA (``force``: it holds GPU
+    state now); a CPU-only trainer never initializes CUDA because of shardkeep.
+    A mapping that cannot be registered still works: copies into it are then
+    synchronous (staged by the driver), and that is logged once.
+    """
+    if not torch.cuda.is_available() or not (force or torch.cuda.is_initialized()):
         return
+    m.pinned = True  # tried: never again for this mapping, whatever the outcome
     try:
         err = torch.cuda.cudart().cudaHostRegister(m.address, m.size, 0)
         if int(err) != 0:
             log.warning("cudaHostRegister of %s failed (%s); copies from the GPU will be synchronous", m.name, err)
             return
+        m.page_locked = True
         weakref.finalize(m, _unregister, m.address)
     except Exception as exc:  # an old driver or a build without cudart bindings
         log.warning("cannot page-lock %s for CUDA: %s", m.name, exc)

@@ -117,7 +117,10 @@ class _Pending:
     cancelled: bool = False           # training went on before the copy began: skip this step
     torn: bool = False                # a hook stopped waiting mid-copy: never commit this copy
     t0: float = field(default_factory=time.perf_counter)
-    cuda_event: Any = None
+    cuda_device: Any = None           # the one GPU that holds the state's device tensors
+    cuda_event: Any = None            # recorded on the training stream at snapshot(): the copy starts after it
+    released: threading.Event = field(default_factory=threading.Event)  # GPU state: every copy is queued
+    copied_event: Any = None          # GPU state: recorded on the copy stream after the last copy
     group: bool = False               # the daemon group-commits this version in the background
 
 
@@ -200,7 +203,7 @@ class Snapshotter:
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._faults = fault_plan()
-        self._cuda_stream = None
+        self._cuda_streams: dict = {}  # torch.device -> the side stream of copies from that GPU
         self._daemon_ok = True  # False after a failed request: hooks then never wait for one
         self._registering = False  # slots for a new layout are being made: hooks never wait for that
         self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -224,9 +227,11 @@ class Snapshotter:
         p = _Pending(flat, step, fut)
         if not any(not late and not priv for late, priv in zip(flat.late, flat.private)):
             p.early.set()  # no buffers to protect: forward never waits
-        if any(t.is_cuda for t in flat.tensors):
+        gpus = {t.device for t in flat.tensors if t.is_cuda}
+        if len(gpus) == 1:  # state on several GPUs of one process is copied synchronously instead
+            p.cuda_device = gpus.pop()
             p.cuda_event = torch.cuda.Event()
-            p.cuda_event.record()
+            p.cuda_event.record(torch.cuda.current_stream(p.cuda_device))
         self._pending = p
         self.stats.snapshots += 1
         self._queue.put(p)
@@ -338,13 +343,30 @@ class Snapshotter:
 
     def _wait_early(self) -> None:
         p = self._pending
-        if p is not None and not p.early.is_set():
+        if p is not None and p.cuda_event is not None:
+            self._wait_gpu(p)
+        elif p is not None and not p.early.is_set():
             self._block_on(p, p.early)
 
     def _wait_hook(self) -> None:
         p = self._pending
-        if p is not None and not p.done.is_set():
+        if p is not None and p.cuda_event is not None:
+            self._wait_gpu(p)
+        elif p is not None and not p.done.is_set():
             self._block_on(p, p.done)
+
+    def _wait_gpu(self, p: _Pending) -> None:
+        """GPU state: wait until the copies are queued, then let the GPU (not the CPU) wait for them.
+
+        The training stream waits on the copy stream's last event, so kernels that
+        change the state run after the device-to-host copies have read it, while
+        the training thread goes on queuing work at once.
+        """
+        if not p.released.is_set():
+            self._block_on(p, p.released)
+        ev = p.copied_event
+        if ev is not None:
+            torch.cuda.current_stream(p.cuda_device).wait_event(ev)
 
     def _block_on(self, p: _Pending, ev: threading.Event, limit: float | None = None) -> None:
         """Wait for ``ev`` of snapshot ``p``; skip the snapshot rather than hold training.
@@ -363,6 +385,7 @@ class Snapshotter:
                     p.cancelled = True
                     p.started.set()
                     p.early.set()
+                    p.released.set()
                     p.done.set()
                     log.warning("job %s rank %d: step %d skipped: its copy had not begun after %.1f s",
                                 self.job, self.rank, p.step, time.perf_counter() - t0)
@@ -401,12 +424,14 @@ class Snapshotter:
                     self._daemon_ok = False
                 p.started.set()
                 p.early.set()
+                p.released.set()
                 p.done.set()
                 p.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
                 continue
             finally:
                 p.started.set()
                 p.early.set()
+                p.released.set()
                 p.done.set()
             if result.status == "committed":
                 self.stats.committed += 1
@@ -564,10 +589,15 @@ class Snapshotter:
             n_late = len(order) - n_early
             stream = None
             if p.cuda_event is not None:
-                if self._cuda_stream is None:
-                    self._cuda_stream = torch.cuda.Stream()
-                stream = self._cuda_stream
+                stream = self._cuda_streams.get(p.cuda_device)
+                if stream is None:
+                    stream = self._cuda_streams[p.cuda_device] = torch.cuda.Stream(device=p.cuda_device)
                 stream.wait_event(p.cuda_event)
+                self._maps.pin(mapping)  # page-locked, so the copies run asynchronously at full speed
+
+            def issued(last_event) -> None:
+                p.copied_event = last_event
+                p.released.set()
 
             def after(pos: int) -> None:
                 if pos + 1 == n_early:
@@ -577,7 +607,7 @@ class Snapshotter:
 
             if n_early == 0:
                 p.early.set()
-            copy_all(flat.tensors, entries, dtypes, region, hasher, order, after, stream)
+            copy_all(flat.tensors, entries, dtypes, region, hasher, order, after, stream, issued)
             if not order:
                 self._faults.hit(Phase.COPY)
             manifest.checksums = hasher.finish()
