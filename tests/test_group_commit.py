@@ -38,10 +38,17 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
         for d in ds:
             job = d.job_status(job_id)
             assert job["group_committed"][0] == 3
-            # parity of the newest version only: older versions' parity is released
+            # parity of the newest version only: older versions' parity is released, and its segment kept
+            # as a spare for the next version (with the staging ring), counted in the daemon's memory
+            st = d.status()
             parity = sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))
-            assert len(parity) == 1, parity
-            (v,) = [v for v in d.status()["group"]["versions"] if v["job"] == job_id]
+            seg = st["group"]["segments"]
+            assert len(parity) == 2 and seg["created"] == {"stage": 1, "parity": 2}, (parity, seg)
+            assert seg["reused"] == {"stage": 3, "parity": 2}, seg
+            assert st["memory"]["group"] == {k: seg[k] for k in ("parity", "staging", "spare")}
+            assert seg["parity"] > 0 and seg["staging"] == 0 and seg["spare"] > seg["parity"]
+            assert st["memory"]["used"] == sum(j["bytes"] for j in st["jobs"]) + sum(st["memory"]["group"].values())
+            (v,) = [v for v in st["group"]["versions"] if v["job"] == job_id]
             assert v["step"] == 3 and v["group_committed"] and v["acks_from"] == [0, 1, 2]
             assert v["manifests_from"] == [0, 1, 2]  # every node can recreate any node's slots
         # the human status shows the same
@@ -64,10 +71,12 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
         # the last group-level version's slot is kept while the group is degraded
         slots = ds[0].job_status(job_id)["ranks"]["0"]["slots"]
         assert {s["step"] for s in slots if s["state"] == "committed"} == {3, 4}, slots
-        # the abandoned group commit of step 4 left no staging or parity behind; step 3's parity stays
+        # the abandoned group commit of step 4 left nothing behind but spares; step 3's parity stays
         for d in ds[:2]:
-            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-stage-*"))) == 0
-            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))) == 1
+            seg = d.status()["group"]["segments"]
+            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-stage-*"))) == 1
+            assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))) == 2
+            assert seg["created"] == {"stage": 1, "parity": 2} and seg["staging"] == 0, seg
     finally:
         for s in snaps:
             s.close()

@@ -64,9 +64,10 @@ class Node:
         await self.data.send(dst, kind, meta, payload, timeout=30)
 
     def payload(self, prefix: str, size: int, rnd: bytes) -> list[memoryview]:
-        """The node's payload in two shm files (a chunk may span both)."""
+        """The node's payload in two shm files (a chunk may span both); ``extents`` name these from now on."""
         cut = size // 3
         views = []
+        self.files = []
         for part, (a, b) in enumerate(((0, cut), (cut, size))):
             name = f"{prefix}-payload{self.i}-{part}"
             fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -110,18 +111,25 @@ async def run_group(n: int, m: int, sizes: list[int], prefix: str, pool: CodecPo
                 nodes[j].data.set_recv_key(nd.i, key)
                 nd.data.connect(j, nodes[j].data_ep)
         nd.gc = GroupCommit(nd.i, p, spec, pool, f"{prefix}-n{nd.i}", nd.send_data, nd.broadcast, tell=nd.tell)
-    payloads = [secrets.token_bytes(sz) for sz in sizes]
-    views = [nd.payload(prefix, sizes[nd.i], payloads[nd.i]) for nd in nodes]
-    manifests = [f"manifests of node {i}".encode() * (i + 1) for i in range(n)]
-    await asyncio.gather(*(nd.gc.start("job", 7, views[nd.i], manifests[nd.i]) for nd in nodes))
-    await asyncio.gather(*(nd.gc.wait("job", 7, timeout=60) for nd in nodes))
-    for nd in nodes:  # every node holds every node's manifests (what a rebuild starts from)
-        assert nd.gc.manifests_of("job", 7) == dict(enumerate(manifests))
+    payloads = await commit_version(nodes, 7, sizes, prefix)
     return p, spec, nodes, payloads
 
 
+async def commit_version(nodes: list[Node], step: int, sizes: list[int], prefix: str) -> list[bytes]:
+    """Every node commits a fresh random payload as version (job, step); returns the payloads."""
+    n = len(nodes)
+    payloads = [secrets.token_bytes(sz) for sz in sizes]
+    views = [nd.payload(f"{prefix}-s{step}", sizes[nd.i], payloads[nd.i]) for nd in nodes]
+    manifests = [f"manifests of node {i} step {step}".encode() * (i + 1) for i in range(n)]
+    await asyncio.gather(*(nd.gc.start("job", step, views[nd.i], manifests[nd.i]) for nd in nodes))
+    await asyncio.gather(*(nd.gc.wait("job", step, timeout=60) for nd in nodes))
+    for nd in nodes:  # every node holds every node's manifests (what a rebuild starts from)
+        assert nd.gc.manifests_of("job", step) == dict(enumerate(manifests))
+    return payloads
+
+
 async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[bytes], lost: tuple[int, ...],
-                        pool: CodecPool, prefix: str) -> None:
+                        pool: CodecPool, prefix: str, step: int = 7) -> None:
     k = p.k
     sizes = [len(x) for x in payloads]
 
@@ -140,7 +148,7 @@ async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[by
             if idx < k:
                 have[idx] = nodes[h].extents(*chunk(h, s))
             else:
-                name, base, pad, hdr = nodes[h].gc.parity_of("job", 7, s)
+                name, base, pad, hdr = nodes[h].gc.parity_of("job", step, s)
                 have[idx] = [(name, base, pad)]
                 headers = hdr
         if headers is None:  # every parity holder of s is lost: the survivors' data re-encodes it
@@ -149,8 +157,8 @@ async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[by
         for idx, h in enumerate(holders):
             if h not in lost or (idx < k and L == 0):
                 continue
-            out = f"{prefix}-rebuilt-{'_'.join(map(str, lost))}-{s}-{idx}"
-            n = (lambda ab: ab[1] - ab[0])(chunk(h, s)) if idx < k else nodes[h].gc.parity_of("job", 7, s)[2]
+            out = f"{prefix}-rebuilt{step}-{'_'.join(map(str, lost))}-{s}-{idx}"
+            n = (lambda ab: ab[1] - ab[0])(chunk(h, s)) if idx < k else nodes[h].gc.parity_of("job", step, s)[2]
             fd = os.open(f"/dev/shm/{out}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.ftruncate(fd, max(n, 1))
             os.close(fd)
@@ -159,7 +167,7 @@ async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[by
                 a, b = chunk(h, s)
                 expected[out] = payloads[h][a:b]
             else:
-                name, base, pad, _ = nodes[h].gc.parity_of("job", 7, s)
+                name, base, pad, _ = nodes[h].gc.parity_of("job", step, s)
                 with open(f"/dev/shm/{name}", "rb") as f:
                     f.seek(base)
                     expected[out] = f.read(pad)
@@ -200,6 +208,89 @@ def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes, small_ring, monkeyp
                     await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix)
             for nd in nodes:
                 nd.gc.release("job", 7)
+        finally:
+            for nd in nodes:
+                await nd.close()
+            pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(prefix):
+                os.unlink(f"/dev/shm/{f}")
+
+
+def _minflt(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwritten():
+    """The staging ring and parity of a released version serve the next one (no new /dev/shm files, no
+    fresh page faults in the codec workers), and the parity of the version still held is never touched."""
+    prefix = f"sktgr{secrets.token_hex(3)}"
+    n, m, sizes = 4, 1, [6_000_001, 5_000_000, 4_321, 6_100_000]
+
+    def segments() -> set[str]:
+        return {f for f in os.listdir("/dev/shm") if f.startswith(prefix) and ("-stage-" in f or "-parity-" in f)}
+
+    async def main():
+        pool = CodecPool(workers=2)
+        nodes = []
+        try:
+            p, spec, nodes, _ = await run_group(n, m, sizes, prefix, pool)
+            held = {nd.i: nd.gc.versions[("job", 7, 0)].parity.name for nd in nodes}
+            kept = {i: open(f"/dev/shm/{name}", "rb").read() for i, name in held.items()}
+            assert all(nd.gc.segments_created == {"stage": 1, "parity": 1} for nd in nodes)
+            # version 8 while 7 is still the one held (group level): the ring is reused, the parity is not
+            await commit_version(nodes, 8, sizes, prefix)
+            for nd in nodes:
+                assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
+                assert open(f"/dev/shm/{held[nd.i]}", "rb").read() == kept[nd.i], "held parity overwritten"
+                assert nd.gc.segments_created == {"stage": 1, "parity": 2}
+                assert nd.gc.segments_reused == {"stage": 1}
+            # 8 is group level: the daemon releases 7, whose segments become spares for 9
+            for nd in nodes:
+                nd.gc.release("job", 7)
+            before = segments()
+            assert all(name in before for name in held.values())
+            await commit_version(nodes, 9, sizes, prefix)
+            assert segments() == before, "version 9 created segment files"
+            for nd in nodes:
+                assert nd.gc.segments_created == {"stage": 1, "parity": 2}
+                assert nd.gc.segments_reused == {"stage": 2, "parity": 1}
+                assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
+                assert nd.gc.versions[("job", 9, 0)].parity.name == held[nd.i]
+                seg = nd.gc.segment_bytes()
+                assert seg["parity"] == 2 * nd.gc.versions[("job", 9, 0)].parity.size and seg["staging"] == 0
+                assert seg["spare"] == nd.gc.versions[("job", 9, 0)].window * 3 * nd.gc.row_bytes()
+            # the codec workers keep every segment mapped: once their heaps are warm, a version faults in
+            # nothing (new segments: ~4 x 12 MiB of ring and 4 x 2 MB of parity, thousands of faults)
+            faults = {}
+            for step in (10, 11, 12, 13):
+                for nd in nodes:
+                    nd.gc.release("job", step - 2)
+                    if step == 13:  # for comparison: fresh segments, as before the spares
+                        nd.gc.drop_spares("job")
+                f0 = sum(_minflt(pid) for pid in pool.worker_pids())
+                payloads = await commit_version(nodes, step, sizes, prefix)
+                faults[step] = sum(_minflt(pid) for pid in pool.worker_pids()) - f0
+                if step == 11:  # parity written into reused segments rebuilds every lost node bit for bit
+                    for lost in itertools.combinations(range(n), 1):
+                        await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix, step=11)
+                assert (segments() == before) == (step != 13)
+            assert min(faults[10], faults[11], faults[12]) * 3 < faults[13], faults  # (a worker's heap may grow)
+            # a finished job's spares go
+            for nd in nodes:
+                for key in list(nd.gc.versions):
+                    nd.gc.release(*key)
+                nd.gc.drop_spares("job")
+            for _ in range(100):  # a parity record still being written hands its segment over after
+                if not segments():
+                    break
+                await asyncio.sleep(0.02)
+            assert segments() == set()
         finally:
             for nd in nodes:
                 await nd.close()

@@ -10,6 +10,7 @@ import torch
 
 from conftest import SHM, shardkeep_cmd
 from shardkeep.client import Snapshotter
+from shardkeep.daemon.groupmeta import ParityRecord
 from shardkeep.proto.errors import UnavailableError
 from test_group_membership import all_up, free_ports, peers_arg, wait_until
 
@@ -163,12 +164,19 @@ def test_a_restarted_daemon_re_adopts_its_parity_and_a_later_node_loss_is_still_
     finally:
         for s in snaps:
             s.close()
-    before = sorted(p.name for p in ds[1].segments() if "-g-" in p.name)
-    assert len(before) == 2 and any("-g-parity-" in x for x in before) and any("-g-meta-" in x for x in before)
+    names = sorted(p.name for p in ds[1].segments() if "-g-" in p.name)
+    (meta,) = [x for x in names if "-g-meta-" in x]
+    rec = ParityRecord.decode((SHM / meta).read_bytes())
+    before = sorted([meta, rec.parity])
+    # beside the record and the parity it names: step 3's parity segment and the staging ring, kept as
+    # spares for the next version
+    assert rec.step == 4 and len(names) == 4 and sum("-g-parity-" in x for x in names) == 2, names
     ds[1].kill(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
-    assert sorted(p.name for p in ds[1].segments() if "-g-" in p.name) == before
+    after = sorted(p.name for p in ds[1].segments() if "-g-" in p.name)
+    assert after == (names if how == "sigkill" else before)  # a clean stop removes the spares
     ds[1].start()
     wait_until(lambda: all_up(ds), what="group up again")
+    assert sorted(p.name for p in ds[1].segments() if "-g-" in p.name) == before  # spares removed at start
     job = ds[1].job_status(job_id)
     assert job["group_committed"] == [4] and job["restorable"][0] == 4
     (v,) = [v for v in ds[1].status()["group"]["versions"] if v["job"] == job_id]

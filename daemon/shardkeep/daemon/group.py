@@ -371,4 +371,6 @@ class Group:
                 for (job, step, epoch), v in sorted(self.gc.versions.items())
             ] if self.gc is not None else [],
             "recent_commits": list(self.gc.recent) if self.gc is not None else [],
+            "segments": {**self.gc.segment_bytes(), "created": dict(self.gc.segments_created),
+                         "reused": dict(self.gc.segments_reused)} if self.gc is not None else {},
         }

@@ -58,6 +58,12 @@ class GroupCommitAborted(ShardkeepError):
 PIECE = 4 << 20  # bytes per data-plane message
 ROW_BYTES = 4 << 20  # per data chunk and ring row of the encoder (whole codec pieces)
 RING_BYTES = 64 << 20  # the encoder's staging ring, at most (at least 2 rows)
+# Staging rings and parity segments are kept for the next version of the job instead of being created
+# (and faulted in by every codec worker) anew each time.  Only a released version's segments are kept
+# (the parity of the newest group-level version is never reused while it is held), at most this many
+# free ones per job and kind; a spare of another size (a layout change) is removed.
+SPARES = {"stage": 1, "parity": 2}
+SPARE_SLACK = 1 / 8  # a spare up to this much larger than needed is reused
 
 
 @dataclass
@@ -96,6 +102,9 @@ class _Version:
     t_encode1: float = 0.0
     encode_s: float = 0.0        # summed time of the row encodes
     record: str = ""             # name of the saved ParityRecord (a restarted daemon re-adopts it)
+    released: bool = False       # out of ``versions``: its segments go back to the spares
+    encoding: int = 0            # row encodes running: codec workers may still write into its segments
+    saving: bool = False         # its ParityRecord is being written (it names the parity segment)
 
 
 class GroupCommit:
@@ -121,6 +130,10 @@ class GroupCommit:
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step, epoch): late messages dropped
         self.recent: collections.deque = collections.deque(maxlen=32)  # timing of the last decided versions
+        self.spares: dict[tuple[str, str], list[Segment]] = {}   # (job, kind) -> free segments of released versions
+        self.segments_created: collections.Counter[str] = collections.Counter()
+        self.segments_reused: collections.Counter[str] = collections.Counter()
+        self.spares_dropped: set[str] = set()   # jobs whose spares were dropped: late segments are removed
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -389,26 +402,31 @@ class GroupCommit:
         v.preparing = self._spawn(self._prepare(v))
 
     async def _prepare(self, v: _Version) -> None:
-        """All sizes known: create the staging ring and the parity segment, then pull the first rows."""
-        loop = asyncio.get_running_loop()
+        """All sizes known: take the staging ring and the parity segment, then pull the first rows."""
         me = self.node  # the stripe this node encodes
         L = self.stripe_len(v, me)
-        tag = v.tag = secrets.token_hex(3)
+        v.tag = secrets.token_hex(3)
         v.t_sizes = time.monotonic()
         k, m = self.p.k, self.p.m
         v.row = self.row_bytes()
         v.rows = -(-L // v.row)
         v.window = max(1, min(v.rows, self.ring_rows()))
-        if v.rows:
-            v.staging = await loop.run_in_executor(
-                self.executor, create_segment, f"{self.prefix}-stage-{v.job}-{v.step}-{tag}",
-                v.window * (k + m - 1) * v.row)
         off = 0
         for s, _ in self.p.parity_stripes(self.node):
             v.layout[s] = (off, self.padded(v, s))
             off += self.padded(v, s)
-        v.parity = await loop.run_in_executor(
-            self.executor, create_segment, f"{self.prefix}-parity-{v.job}-{v.step}-{tag}", off)
+        if v.rows:
+            seg = await self._segment(v.job, "stage", v.window * (k + m - 1) * v.row)
+            if v.released:  # released while the segment was made: it goes straight back
+                self._give(v.job, "stage", seg)
+                return
+            v.staging = seg
+        seg = await self._segment(v.job, "parity", off)
+        if v.released:
+            self._give(v.job, "parity", seg)
+            self._retire(v)
+            return
+        v.parity = seg
         v.ready = True
         early, v.early = v.early, []
         for kind, meta, payload in early:
@@ -417,6 +435,59 @@ class GroupCommit:
             self._spawn(self._finish_stripe(v))
         for q in range(v.window):
             self._pull(v, q)
+
+    # --- staging and parity segments, kept across versions -----------------------------------
+
+    async def _segment(self, job: str, kind: str, size: int) -> Segment:
+        """A ``kind`` ("stage" or "parity") segment of at least ``size`` bytes for ``job``: a spare of a
+        released version when one fits (already mapped here and in the codec workers), else a new one."""
+        size = max(size, 4096)
+        self.spares_dropped.discard(job)
+        free = self.spares.get((job, kind), [])
+        for i, seg in enumerate(free):
+            if size <= seg.size <= size + int(size * SPARE_SLACK):
+                self.segments_reused[kind] += 1
+                return free.pop(i)
+        for seg in free:  # the layout changed: spares of another size are no use any more
+            seg.destroy()
+        free.clear()
+        self.segments_created[kind] += 1
+        name = f"{self.prefix}-{kind}-{job}-{secrets.token_hex(4)}"
+        return await asyncio.get_running_loop().run_in_executor(self.executor, create_segment, name, size)
+
+    def _give(self, job: str, kind: str, seg: Segment) -> None:
+        free = self.spares.setdefault((job, kind), [])
+        if len(free) < SPARES[kind] and seg not in free and job not in self.spares_dropped:
+            free.append(seg)
+        else:
+            seg.destroy()
+
+    def _retire(self, v: _Version) -> None:
+        """A released version's segments become spares once nothing can write into them any more
+        (no row encode running in the codec workers, no parity record naming the segment being written)."""
+        if not v.released or v.encoding or v.saving:
+            return
+        if v.staging is not None:
+            self._give(v.job, "stage", v.staging)
+        if v.parity is not None:
+            self._give(v.job, "parity", v.parity)
+        v.staging = v.parity = None
+
+    def drop_spares(self, job: str | None = None) -> None:
+        """Remove the spare segments of ``job`` (it finished or was evicted), or of every job."""
+        for key in [key for key in self.spares if job is None or key[0] == job]:
+            for seg in self.spares.pop(key):
+                seg.destroy()
+            self.spares_dropped.add(key[0])
+        if job is not None:  # segments of its versions still being encoded or recorded follow them
+            self.spares_dropped.add(job)
+
+    def segment_bytes(self) -> dict[str, int]:
+        """/dev/shm bytes of the group commit: parity held by versions, staging rings, spares."""
+        vs = list(self.versions.values())
+        return {"parity": sum(v.parity.size for v in vs if v.parity is not None),
+                "staging": sum(v.staging.size for v in vs if v.staging is not None),
+                "spare": sum(seg.size for free in self.spares.values() for seg in free)}
 
     # --- the encoder of stripe `node`: a bounded ring of rows, pulled from the data holders -----
 
@@ -486,8 +557,15 @@ class GroupCommit:
             self.faults.hit(Phase.ENCODE)
         t0 = time.monotonic()
         v.t_encode0 = v.t_encode0 or t0
-        v.row_headers[q] = await self.pool.encode(self.spec, data, n_q, out)
+        v.encoding += 1
+        try:
+            v.row_headers[q] = await self.pool.encode(self.spec, data, n_q, out)
+        finally:
+            v.encoding -= 1
         v.encode_s += time.monotonic() - t0
+        if v.released:  # given up meanwhile: its segments may be reused now
+            self._retire(v)
+            return
         for j, holder in enumerate(self.p.parity_holders(me)[1:], start=1):
             at = self._ring(v, q, k + j - 1)
             for off in range(0, prow, PIECE):
@@ -512,8 +590,8 @@ class GroupCommit:
             await self.send_data(holder, "parity", {**_ident(v), "stripe": me, "headers": True},
                                  headers)
         v.parity_got[me] = v.layout[me][1]
-        if v.staging is not None:
-            v.staging.destroy()
+        if v.staging is not None and not v.encoding:
+            self._give(v.job, "stage", v.staging)
             v.staging = None
         self._stored(v, me)
 
@@ -590,11 +668,16 @@ class GroupCommit:
         rec = ParityRecord(v.job, v.step, self.node, self.p.n, self.p.m, v.parity.name, dict(v.layout),
                            dict(v.headers), dict(v.sizes), dict(v.manifests), v.epoch)
         name = f"{self.prefix}-meta-{v.job}-{v.step}-{v.tag or secrets.token_hex(3)}"
-        await asyncio.get_running_loop().run_in_executor(self.executor, _write_file, name, rec.encode())
+        v.saving = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, _write_file, name, rec.encode())
+        finally:
+            v.saving = False
         if self.versions.get((v.job, v.step, v.epoch)) is v:
             v.record = name
-        else:  # released while we wrote
+        else:  # released while we wrote: the record goes before its parity segment may be reused
             _unlink(name)
+            self._retire(v)
 
     def adopt_saved(self, views_of: Callable[[str, int], list[memoryview] | None]) -> list[tuple[str, int, int]]:
         """At start: re-adopt the parity of the newest group-level version of each job left in /dev/shm.
@@ -636,8 +719,7 @@ class GroupCommit:
                     log.warning("node %d: parity segment of job %s step %d: %s", self.node, job, step, exc)
                     continue
                 self.adopt_rebuilt(job, step, rec.sizes, rec.manifests, views, parity, rec.layout, rec.headers,
-                                   rec.epoch)
-                self.versions[(job, step, rec.epoch)].record = name
+                                   rec.epoch, record=name)
                 kept |= {name, rec.parity}
                 adopted.append((job, step, rec.epoch))
                 log.info("node %d: re-adopted parity of job %s step %d (stripes %s)", self.node, job, step,
@@ -658,6 +740,7 @@ class GroupCommit:
                     v.staging.destroy()
             else:
                 self.release(*key)
+        self.drop_spares()
 
     # --- what a rebuild needs -------------------------------------------------------------------
 
@@ -693,9 +776,12 @@ class GroupCommit:
 
     def adopt_rebuilt(self, job: str, step: int, sizes: dict[int, int], manifests: dict[int, bytes],
                       views: list[memoryview], parity: Segment, layout: dict[int, tuple[int, int]],
-                      headers: dict[int, bytes], epoch: int = 0) -> None:
-        """A rebuilt node takes its place in (job, step, epoch) as if it had been there."""
+                      headers: dict[int, bytes], epoch: int = 0, record: str = "") -> None:
+        """A rebuilt node takes its place in (job, step, epoch) as if it had been there.
+
+        ``record``: its ParityRecord already in /dev/shm (re-adoption at start), else one is written."""
         v = self._v(job, step, epoch)
+        v.record = record
         v.sizes, v.manifests, v.views = dict(sizes), dict(manifests), views
         v.parity, v.layout, v.headers = parity, dict(layout), dict(headers)
         v.stored, v.acks, v.acked, v.ready = set(layout), set(range(self.p.n)), True, True
@@ -713,16 +799,16 @@ class GroupCommit:
         return v.parity.name, base, pad, v.headers[s]
 
     def release(self, job: str, step: int, epoch: int = 0) -> None:
+        """The version is no longer needed here: its record goes, its segments become spares for the next
+        version of the job (once no codec worker and no record write can touch them any more)."""
         v = self.versions.pop((job, step, epoch), None)
         if v is None:
             return
-        if v.preparing is not None and not v.preparing.done():
-            v.preparing.cancel()
-        for seg in (v.staging, v.parity):
-            if seg is not None:
-                seg.destroy()
-        if v.record:
+        v.released = True  # a _prepare still running hands its segments back itself
+        if v.record:  # first: a record must never name a segment another version writes into
             _unlink(v.record)
+            v.record = ""
+        self._retire(v)
 
     def abandon(self, job: str, step: int, epoch: int = 0) -> None:
         """Give up on the version: free its segments and ignore what still arrives for it."""

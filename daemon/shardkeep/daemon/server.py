@@ -323,7 +323,13 @@ class Daemon:
         return j
 
     def used_bytes(self) -> int:
-        return sum(j.bytes() for j in self.jobs.values())
+        """/dev/shm bytes this daemon holds: slots, and the group commit's parity, staging and spares."""
+        return sum(j.bytes() for j in self.jobs.values()) + sum(self.group_bytes().values())
+
+    def group_bytes(self) -> dict[str, int]:
+        if self.group is None or self.group.gc is None:
+            return {}
+        return self.group.gc.segment_bytes()
 
     # --- handlers ----------------------------------------------------------------
 
@@ -603,6 +609,7 @@ class Daemon:
         if self.group is not None and self.group.gc is not None:
             for key in [k for k in self.group.gc.versions if k[0] == job.job]:
                 self.group.gc.release(*key)
+            self.group.gc.drop_spares(job.job)
         slots = job.all_slots()
         freed = sum(s.size for s in slots)
         for s in slots:
@@ -624,6 +631,7 @@ class Daemon:
             "protocol": wire.PROTOCOL_VERSION,
             "memory": {
                 "used": self.used_bytes(),
+                "group": self.group_bytes(),
                 "limit": self.cfg.memory_limit,
                 "headroom": {h.name: h.free for h in admission.headrooms(self.cfg.memory_limit, self.used_bytes())},
             },
