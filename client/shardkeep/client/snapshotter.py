@@ -32,7 +32,7 @@ from shardkeep.proto.manifest import Manifest, checksum, chunk_count, chunk_rang
 from shardkeep.proto.transport import Channel
 
 from . import rng as rng_mod
-from .copier import ChunkHasher, copy_all, dst_view
+from .copier import ChunkHasher, copy_all, default_hash_threads, dst_view
 from .flatten import RNG_KEY, Flat, Restorer, flatten
 from .shm import Mapping, SlotMaps
 
@@ -187,7 +187,7 @@ class Snapshotter:
         self.max_stall = max_stall
         # checksums on a thread of their own when there are cores to spare; inline on small machines
         if hash_threads is None:
-            hash_threads = 1 if (os.cpu_count() or 1) >= 4 else 0
+            hash_threads = default_hash_threads(self.local_world_size)
         self._hash_pool = (concurrent.futures.ThreadPoolExecutor(hash_threads, thread_name_prefix="shardkeep-hash")
                            if hash_threads > 0 else None)
         self.stats = Stats()
