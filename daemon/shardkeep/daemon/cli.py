@@ -127,7 +127,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"shardkeep status: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        json.dump(reply.fields, sys.stdout, indent=2, sort_keys=True, default=str)
+        from .status import plan_advice
+
+        advice = plan_advice(reply.fields)[1]
+        json.dump(reply.fields if advice is None else {**reply.fields, "plan": advice}, sys.stdout, indent=2,
+                  sort_keys=True, default=str)
         print()
     else:
         render_status(reply.fields)
@@ -189,6 +193,33 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shardkeep.proto.transport import Channel
+
+    from .plan import INPUTS, plan, render, resolve_inputs
+
+    sock = args.socket or default_socket()
+    status, daemon = None, {"socket": sock, "answered": False, "error": ""}
+    try:
+        status = Channel(sock, timeout=args.timeout).request("status").fields
+        daemon["answered"] = True
+    except ShardkeepError as exc:
+        daemon["error"] = str(exc)
+    flags = {name: getattr(args, name) for name in INPUTS if name not in ("mtbf_hours", "nodes", "local_latency")}
+    try:
+        result = plan(resolve_inputs(args.mtbf, args.nodes, flags, status))
+    except ValueError as exc:
+        print(f"shardkeep plan: {exc}", file=sys.stderr)
+        return 2
+    result["daemon"] = daemon
+    if args.json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        sys.stdout.write(render(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.nodes > 1:
         from .demo_group import run_group_demo
@@ -230,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the replacement daemon's socket (default: $SHARDKEEP_SOCKET or the default path)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the rebuild (default: 3600)")
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("plan", help="recommend a snapshot interval (Young/Daly) and a group size n, m for a "
+                                    "cluster, from measured snapshot, restore and rebuild costs",
+                       description="Recommend a snapshot interval (Young/Daly), the work lost per failure against "
+                                   "checkpoints to disk, and the data-loss risk of group sizes n, m for a job of "
+                                   "--nodes nodes. Inputs not given are taken from a running daemon's status, else "
+                                   "from defaults scaled from benchmarks/RESULTS.md; the report says which.")
+    p.add_argument("--mtbf", type=float, required=True, metavar="HOURS", help="mean time between failures of one node")
+    p.add_argument("--nodes", type=int, required=True, metavar="N", help="nodes in the job (cluster size)")
+    p.add_argument("--group-size", type=int, metavar="n", help="nodes per group (default: the daemon's, else 4)")
+    p.add_argument("--parity", type=int, metavar="m", help="parity nodes per group (default: the daemon's, else 1)")
+    p.add_argument("--state-size", dest="state_bytes", type=_size, metavar="SIZE",
+                   help="training state per node, e.g. 40GB (default: the daemon's largest job, else 1.6GB); "
+                        "scales the defaults below")
+    p.add_argument("--snapshot-cost", type=float, metavar="S",
+                   help="training time lost per snapshot: blocked time + step slowdown (default: 0.0048)")
+    p.add_argument("--step-time", type=float, metavar="S", help="seconds per training step (default: 0.24)")
+    p.add_argument("--commit-latency", type=float, metavar="S",
+                   help="snapshot() to group level (default: the daemon's recent group commits, else from the size)")
+    p.add_argument("--restore", type=float, metavar="S", help="restore from memory (default: from the size)")
+    p.add_argument("--rebuild", type=float, metavar="S", help="rebuild of a lost node (default: from the size and n)")
+    p.add_argument("--window", type=float, metavar="S",
+                   help="a lost node's data missing: detection + replacement + rebuild (default: 5 + --rebuild, "
+                        "a spare node standing by)")
+    p.add_argument("--disk-save", type=float, metavar="S", help="one checkpoint to disk (default: from the size)")
+    p.add_argument("--disk-load", type=float, metavar="S", help="restart from a disk checkpoint (default: from the size)")
+    p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default: 2)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     from . import keys
 

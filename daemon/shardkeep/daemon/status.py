@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from shardkeep.proto.sizes import format_size
+
+
+def plan_advice(st: dict[str, Any]) -> tuple[str, dict | None]:
+    """A line of snapshot interval advice (and the whole plan) for a per-node MTBF in $SHARDKEEP_MTBF_HOURS."""
+    from . import plan
+
+    raw = os.environ.get("SHARDKEEP_MTBF_HOURS", "")
+    if not raw:
+        return "interval advice: shardkeep plan --mtbf HOURS --nodes N (or set SHARDKEEP_MTBF_HOURS)", None
+    grp = st.get("group")
+    if not grp:
+        return "interval advice: no group on this daemon; shardkeep plan --mtbf HOURS --nodes N", None
+    try:
+        inputs = plan.resolve_inputs(float(raw), grp["n"], {}, st)
+        inputs.sources.update(mtbf_hours=("env", "SHARDKEEP_MTBF_HOURS"), nodes=("daemon", "the group's n"))
+        result = plan.plan(inputs)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"interval advice: SHARDKEEP_MTBF_HOURS={raw!r}: {exc}", None
+    return plan.status_line(result, f"$SHARDKEEP_MTBF_HOURS={float(raw):g} h per node"), result
 
 
 def render_status(st: dict[str, Any]) -> None:
@@ -60,6 +80,7 @@ def render_status(st: dict[str, Any]) -> None:
         if rec:
             console.print(f"recover: {rec.get('state')}, stripes {rec.get('stripes_done')}/{rec.get('stripes_total')}, "
                           f"{format_size(rec.get('bytes_fetched', 0))} fetched")
+    console.print(plan_advice(st)[0], highlight=False, markup=False, soft_wrap=True)
     jobs = st.get("jobs", [])
     if not jobs:
         console.print("no jobs")
