@@ -31,7 +31,9 @@ from .stripes import chunk_bounds
 
 log = logging.getLogger("shardkeep.recover")
 
-FETCH = 8 << 20
+FETCH = 8 << 20   # bytes per fetch request
+WINDOW = 4        # fetch requests in flight per source: the survivor copies the next piece while one travels
+STRIPES = 2       # stripes rebuilt at once: one's fragments travel while another is decoded
 
 
 async def rebuild(daemon: Any) -> dict:
@@ -97,25 +99,48 @@ async def rebuild(daemon: Any) -> dict:
 
 async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: memoryview,
                  progress: dict | None = None) -> None:
-    """Fill ``dst`` with ``length`` bytes fetched in pieces from the first source that answers."""
+    """Fill ``dst`` with ``length`` bytes fetched from the first source that answers.
+
+    ``WINDOW`` requests of ``FETCH`` bytes are in flight at a time; each reply is
+    copied into ``dst`` straight from the received frame.
+    """
     last: Exception | None = None
     for j in sources:
+        client = group.clients[j]
+
+        async def piece(off: int) -> None:
+            n = min(FETCH, length - off)
+            r = await client.request("fetch", {**fields, "offset": off, "length": n},
+                                     timeout=group.cfg.timeouts.rebuild_chunk)
+            frame = r.payload[0]
+            data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            if data.nbytes != n:
+                raise IntegrityError(f"node {j} sent {data.nbytes} bytes for {n}")
+            dst[off : off + n] = data
+            if progress is not None:
+                progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
+
         try:
-            for off in range(0, length, FETCH):
-                n = min(FETCH, length - off)
-                r = await group.clients[j].request("fetch", {**fields, "offset": off, "length": n},
-                                                   timeout=group.cfg.timeouts.rebuild_chunk)
-                data = r.payload[0].bytes if hasattr(r.payload[0], "bytes") else bytes(r.payload[0])
-                if len(data) != n:
-                    raise IntegrityError(f"node {j} sent {len(data)} bytes for {n}")
-                dst[off : off + n] = data
-                if progress is not None:
-                    progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
+            offsets = list(range(0, length, FETCH))
+            for w in range(0, len(offsets), WINDOW):
+                await _all([piece(off) for off in offsets[w : w + WINDOW]])
             return
         except ShardkeepError as exc:
             last = exc
             log.warning("fetch %s from node %d failed: %s", fields, j, exc)
     raise UnavailableError(f"no survivor could send {fields}: {last}")
+
+
+async def _all(coros: list) -> list:
+    """Run ``coros`` together; the first error cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _rebuild_version(daemon: Any, job: str, step: int, epoch: int, live: list[int], loop) -> dict:
@@ -221,15 +246,25 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                                         f"{daemon.cfg.shm_prefix}-g-rebuild-{tag}-{s}", k * Ls + m * ps)
         try:
             have: dict[int, list] = {}
+            fetches = []
             for idx, h in enumerate(p.data_holders(s)):
                 if h == me or h not in live:
                     continue
                 n = (lambda ab: ab[1] - ab[0])(chunk(h, s))
                 if n:
-                    await _fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "data", "stripe": s}, n,
-                                 memoryview(st.mm)[idx * Ls : idx * Ls + n], daemon.recover_progress)
+                    fetches.append(_fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "data",
+                                                      "stripe": s}, n,
+                                          memoryview(st.mm)[idx * Ls : idx * Ls + n], daemon.recover_progress))
                 have[idx] = [(st.name, idx * Ls, n)] if n else []
-            if len(have) == k:  # every data chunk survives: encode (this also gives the headers)
+            spare = [(j, h) for j, h in enumerate(p.parity_holders(s)) if h != me and h in live]
+            for j, h in spare[: max(0, k - len(have))]:  # the parity that stands in for lost chunks
+                fetches.append(_fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "parity",
+                                                  "stripe": s}, ps,
+                                      memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps],
+                                      daemon.recover_progress))
+                have[k + j] = [(st.name, k * Ls + j * ps, ps)]
+            await _all(fetches)  # every survivor's fragment at once
+            if all(i in have for i in range(k)):  # every data chunk survives: encode (this also gives the headers)
                 out = [[(st.name, k * Ls + q * ps, ps)] for q in range(m)]
                 hdr = await gc.pool.encode(spec, [have[i] for i in range(k)], Ls, out) if Ls else b""
                 for idx, ext in want.items():
@@ -239,14 +274,6 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                         parity.mm[base : base + ps] = st.mm[k * Ls + q * ps : k * Ls + (q + 1) * ps]
                 headers[s] = hdr
                 return
-            for j, h in enumerate(p.parity_holders(s)):
-                if len(have) >= k:
-                    break
-                if h == me or h not in live:
-                    continue
-                await _fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "parity", "stripe": s}, ps,
-                             memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps], daemon.recover_progress)
-                have[k + j] = [(st.name, k * Ls + j * ps, ps)]
             if len(have) < k:
                 raise UnavailableError(f"stripe {s} of {job!r} step {step}: only {len(have)} of {k} fragments survive")
             hdr = await headers_of(s)
@@ -257,13 +284,21 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
             st.destroy()
             daemon.recover_progress["stripes_done"] += 1
 
+    gate = asyncio.Semaphore(STRIPES)
+
+    async def gated(s: int, want: dict[int, list]) -> None:
+        async with gate:
+            await rebuild_stripe(s, want)
+
     # 2. this node's data chunks, straight into its slots
+    todo = []
     for s in p.data_stripes(me):
         a, b = chunk(me, s)
         if b > a:
-            await rebuild_stripe(s, {p.data_index(s, me): extents(a, b)})
+            todo.append(gated(s, {p.data_index(s, me): extents(a, b)}))
         else:
             daemon.recover_progress["stripes_done"] += 1  # nothing of ours in this stripe
+    await _all(todo)
     # 3. verify and commit the slots
     for slot, rank in zip(slots, sorted(decoded)):
         mf, raw = decoded[rank]
@@ -276,9 +311,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
             raise IntegrityError(f"rebuilt job {job!r} rank {rank} step {step} fails verification: {exc}") from None
         jobstate.rank_state(rank).slots.append(slot)
     # 4. this node's parity
-    for s, j in p.parity_stripes(me):
-        base, ps = layout[s]
-        await rebuild_stripe(s, {k + j: [(parity.name, base, ps)]})
+    await _all([gated(s, {k + j: [(parity.name, layout[s][0], layout[s][1])]}) for s, j in p.parity_stripes(me)])
     gc.adopt_rebuilt(job, step, sizes, manifests, views, parity, layout, headers, epoch)
     jobstate.recorded = [step]
     jobstate.group_recorded = [step]
