@@ -48,6 +48,9 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
             assert st["memory"]["group"] == {k: seg[k] for k in ("parity", "staging", "spare")}
             assert seg["parity"] > 0 and seg["staging"] == 0 and seg["spare"] > seg["parity"]
             assert st["memory"]["used"] == sum(j["bytes"] for j in st["jobs"]) + sum(st["memory"]["group"].values())
+            # how late the event loop ran, and where the daemon's CPU went (bulk work is off the loop)
+            assert st["loop"]["samples"] > 0 and st["loop"]["lag_ms_max"] >= st["loop"]["lag_ms_p50"] >= 0
+            assert st["cpu_s"]["loop"] > 0 and {"sk-tag", "sk-copy"} <= set(st["cpu_s"]), st["cpu_s"]
             (v,) = [v for v in st["group"]["versions"] if v["job"] == job_id]
             assert v["step"] == 3 and v["group_committed"] and v["acks_from"] == [0, 1, 2]
             assert v["manifests_from"] == [0, 1, 2]  # every node can recreate any node's slots

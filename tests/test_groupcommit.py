@@ -53,8 +53,8 @@ class Node:
     async def tell(self, j: int, mtype: str, fields: dict) -> None:
         await self.clients[j].send(mtype, fields, timeout=10)
 
-    def on_data(self, msg) -> None:
-        self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
+    def on_data(self, msg):
+        return self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)  # the copy, awaited by the data plane
 
     async def broadcast(self, mtype: str, fields: dict, payload: list | None = None) -> None:
         for c in self.clients.values():

@@ -68,6 +68,7 @@ WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "1073741824",
     "MALLOC_TRIM_THRESHOLD_": "1073741824",
 }
+BACKGROUND_NICE = 5  # codec workers and the daemon's bulk threads (tags, copies) yield to its event loop
 MIN_PART_SUBSTRIPES = 4  # a call is split into parts of at least this many sub-stripes
 PARTS_PER_WORKER = 2  # ... and into at most this many parts per worker (load balance vs. overhead)
 _POLL = 0.05  # how often a busy worker's thread checks deadlines and cancellation
@@ -91,10 +92,51 @@ def _child_path() -> str:
 
 
 def worker_env() -> dict[str, str]:
-    """The environment codec processes start with: the caller's, plus the malloc tuning."""
+    """The environment codec processes start with: the caller's, plus the malloc tuning and their nice."""
     env = dict(os.environ)
     env.update(WORKER_ENV)
+    env.setdefault("SHARDKEEP_CODEC_NICE", str(BACKGROUND_NICE))
     return env
+
+
+def lower_thread_priority(by: int = BACKGROUND_NICE) -> None:
+    """Lower the calling thread's scheduling priority (Linux: nice is per thread), so that the event loop's
+    thread, which answers trainers, runs first on a busy machine; bulk work (BLAKE3, copies) fills the rest.
+    A ThreadPoolExecutor ``initializer``; never fails."""
+    tid = threading.get_native_id()
+    THREAD_ROLES[tid] = threading.current_thread().name.rsplit("_", 1)[0]
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (OSError, AttributeError):
+        pass
+
+
+THREAD_ROLES: dict[int, str] = {}  # native thread id -> pool name (for the daemon's CPU per thread role)
+
+
+def cpu_by_thread_role() -> dict[str, float]:
+    """CPU seconds (user + system) of this process so far, by thread: the event loop (the main thread),
+    each named pool of :func:`lower_thread_priority` threads, ZeroMQ's I/O threads, and the rest."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = os.getpid()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        tid = int(t)
+        role = ("loop" if tid == pid else THREAD_ROLES.get(tid) or ("zmq" if comm.startswith("ZMQbg") else "other"))
+        out[role] = round(out.get(role, 0.0) + cpu, 2)
+    return out
 
 
 def _worker_cmd(*args: str) -> list[str]:

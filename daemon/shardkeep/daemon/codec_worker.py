@@ -574,6 +574,10 @@ def _entry(argv: list[str]) -> None:
     if mode == "worker":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the daemon's terminal is the daemon's business
         _TEST_SLEEP = float(os.environ.get("SHARDKEEP_CODEC_TEST_SLEEP", "0") or 0)
+        try:  # below the daemon's event loop (and the trainers): encoding fills the idle CPU
+            os.nice(max(0, min(19, int(os.environ.get("SHARDKEEP_CODEC_NICE", "0") or 0))))
+        except (OSError, ValueError):
+            pass
         try:
             _serve(int(argv[1]))
         finally:

@@ -121,12 +121,15 @@ class Group:
 
         await asyncio.gather(*(one(j, c) for j, c in list(self.clients.items())))
 
-    def _on_data(self, msg: Any) -> None:
+    def _on_data(self, msg: Any) -> Any:
         if self.gc is not None:
             try:
-                self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
+                copy = self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
             except ShardkeepError as exc:
                 log.warning("node %d: data from node %d refused: %s", self.node, msg.src, exc)
+                return None
+            return copy  # the data plane awaits the copy before it takes the next message
+        return None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -299,7 +302,7 @@ class Group:
         if msg.type == "inventory" and self.gc is not None:
             return {"versions": self.gc.inventory()}
         if msg.type == "fetch" and self.gc is not None:
-            return self.gc.serve_fetch(msg.fields)
+            return await self.gc.serve_fetch(msg.fields)
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
     async def _on_hello(self, msg: PeerMessage) -> dict:

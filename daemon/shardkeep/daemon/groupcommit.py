@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 
 import os
@@ -46,7 +47,7 @@ from shardkeep.proto.faults import Phase, plan as fault_plan
 
 from .arena import SHM_DIR, Segment, create_segment, open_segment
 from .groupmeta import MAX_RECORD, ParityRecord
-from .codec import CodecPool, CodecSpec, substripes
+from .codec import CodecPool, CodecSpec, lower_thread_priority, substripes
 from .stripes import Placement, chunk_bounds
 
 log = logging.getLogger("shardkeep.groupcommit")
@@ -64,6 +65,7 @@ RING_BYTES = 64 << 20  # the encoder's staging ring, at most (at least 2 rows)
 # free ones per job and kind; a spare of another size (a layout change) is removed.
 SPARES = {"stage": 1, "parity": 2}
 SPARE_SLACK = 1 / 8  # a spare up to this much larger than needed is reused
+COPY_THREADS = 2  # threads that copy data and parity pieces into shm (pwrite/pread: no GIL held)
 
 
 @dataclass
@@ -93,7 +95,8 @@ class _Version:
     rows: int = 0
     window: int = 0              # rows in the ring
     row_need: dict[int, int] = field(default_factory=dict)
-    row_got: dict[int, int] = field(default_factory=dict)
+    row_got: dict[int, int] = field(default_factory=dict)    # bytes of row q accepted (copies may be running)
+    row_in: dict[int, int] = field(default_factory=dict)     # ... and copied into the ring
     row_headers: dict[int, bytes] = field(default_factory=dict)
     rows_done: int = 0
     t0: float = field(default_factory=time.monotonic)
@@ -103,7 +106,7 @@ class _Version:
     encode_s: float = 0.0        # summed time of the row encodes
     record: str = ""             # name of the saved ParityRecord (a restarted daemon re-adopts it)
     released: bool = False       # out of ``versions``: its segments go back to the spares
-    encoding: int = 0            # row encodes running: codec workers may still write into its segments
+    busy: int = 0                # row encodes (codec workers) and copies (threads) writing into its segments
     saving: bool = False         # its ParityRecord is being written (it names the parity segment)
 
 
@@ -134,6 +137,9 @@ class GroupCommit:
         self.segments_created: collections.Counter[str] = collections.Counter()
         self.segments_reused: collections.Counter[str] = collections.Counter()
         self.spares_dropped: set[str] = set()   # jobs whose spares were dropped: late segments are removed
+        # bulk copies run here, never on the event loop (which answers the trainers' begin and commit)
+        self.copier = concurrent.futures.ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="sk-copy",
+                                                            initializer=lower_thread_priority)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -382,14 +388,16 @@ class GroupCommit:
         elif mtype == "abort":
             self._decide(v, "abort", broadcast=False, reason=f"node {src}: {f.get('reason', '')}")
 
-    def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> None:
+    def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> Awaitable[None] | None:
+        """A data message: checked here; the copy into shm is the returned awaitable (await it before the
+        next message of the same sender: it runs in a thread, the payload must stay alive until then)."""
         if _key(meta) in self.abandoned:
-            return
+            return None
         v = self._v(*_key(meta))
         if not self._ready(v):
             v.early.append((kind, meta, bytes(payload)))  # sizes or segments not known yet
-            return
-        self._store(v, kind, meta, payload)
+            return None
+        return self._store(v, kind, meta, payload)
 
     # --- the steps ------------------------------------------------------------------------------
 
@@ -430,7 +438,9 @@ class GroupCommit:
         v.ready = True
         early, v.early = v.early, []
         for kind, meta, payload in early:
-            self._store(v, kind, meta, memoryview(payload))
+            copy = self._store(v, kind, meta, memoryview(payload))
+            if copy is not None:
+                self._spawn(copy)
         if not v.rows:
             self._spawn(self._finish_stripe(v))
         for q in range(v.window):
@@ -465,7 +475,7 @@ class GroupCommit:
     def _retire(self, v: _Version) -> None:
         """A released version's segments become spares once nothing can write into them any more
         (no row encode running in the codec workers, no parity record naming the segment being written)."""
-        if not v.released or v.encoding or v.saving:
+        if not v.released or v.busy or v.saving:
             return
         if v.staging is not None:
             self._give(v.job, "stage", v.staging)
@@ -514,7 +524,7 @@ class GroupCommit:
                 self._spawn(self.tell(h, "pull", {**_ident(v), "stripe": self.node,
                                                   "offset": q * v.row, "length": n}))
         v.row_need[q] = need
-        v.row_got.setdefault(q, 0)
+        v.row_got[q] = v.row_in[q] = 0
         if need == 0:
             self._spawn(self._encode_row(v, q))
 
@@ -541,6 +551,7 @@ class GroupCommit:
         return (q % v.window) * (self.p.k + self.p.m - 1) * v.row + i * v.row
 
     async def _encode_row(self, v: _Version, q: int) -> None:
+        loop = asyncio.get_running_loop()
         k, m, me = self.p.k, self.p.m, self.node
         st, par = v.staging, v.parity
         assert st is not None and par is not None
@@ -557,11 +568,11 @@ class GroupCommit:
             self.faults.hit(Phase.ENCODE)
         t0 = time.monotonic()
         v.t_encode0 = v.t_encode0 or t0
-        v.encoding += 1
+        v.busy += 1
         try:
             v.row_headers[q] = await self.pool.encode(self.spec, data, n_q, out)
         finally:
-            v.encoding -= 1
+            v.busy -= 1
         v.encode_s += time.monotonic() - t0
         if v.released:  # given up meanwhile: its segments may be reused now
             self._retire(v)
@@ -570,9 +581,17 @@ class GroupCommit:
             at = self._ring(v, q, k + j - 1)
             for off in range(0, prow, PIECE):
                 n = min(PIECE, prow - off)
-                # a copy: the ring row is reused before ZeroMQ has necessarily sent it
+                # a copy (in a thread): the ring row is reused before ZeroMQ has necessarily sent it
+                v.busy += 1
+                try:
+                    piece = await loop.run_in_executor(self.copier, _pread, st.fd, n, at + off)
+                finally:
+                    v.busy -= 1
+                if v.released:
+                    self._retire(v)
+                    return
                 await self.send_data(holder, "parity", {**_ident(v), "stripe": me, "offset": q * v.row + off},
-                                     bytes(st.mm[at + off : at + off + n]))
+                                     piece)
         v.rows_done += 1
         nxt = q + v.window
         if nxt < v.rows and v.staging is not None:
@@ -590,42 +609,62 @@ class GroupCommit:
             await self.send_data(holder, "parity", {**_ident(v), "stripe": me, "headers": True},
                                  headers)
         v.parity_got[me] = v.layout[me][1]
-        if v.staging is not None and not v.encoding:
+        if v.staging is not None and not v.busy:
             self._give(v.job, "stage", v.staging)
             v.staging = None
         self._stored(v, me)
 
-    def _store(self, v: _Version, kind: str, meta: dict, payload: memoryview) -> None:
+    def _store(self, v: _Version, kind: str, meta: dict, payload: memoryview) -> Awaitable[None] | None:
+        """Check a data message against what was pulled or is due; return the copy into shm to await."""
         s = meta["stripe"]
         if kind == "chunk":
             if s != self.node or v.staging is None:
                 raise ProtocolError(f"node {self.node} does not encode stripe {s} of {v.job!r} step {v.step}")
             index, off, n = meta["index"], meta["offset"], len(payload)
             q = off // v.row if v.row else -1
-            if not (0 <= index < self.p.k and 0 <= off and q in v.row_need and v.row_got[q] < v.row_need[q]):
+            if not (0 <= index < self.p.k and 0 <= off and q in v.row_need and v.row_got[q] + n <= v.row_need[q]):
                 raise ProtocolError(f"chunk piece index {index} offset {off} was not pulled")
             r = off - q * v.row
             if r + n > self._row_bytes_of(v, self.p.data_holders(s)[index], q):
                 raise ProtocolError(f"chunk piece out of range: index {index}, offset {off}, {n} bytes")
-            at = self._ring(v, q, index) + r
-            v.staging.mm[at : at + n] = payload
             v.row_got[q] += n
-            if v.row_got[q] == v.row_need[q]:
-                self._spawn(self._encode_row(v, q))
-        elif kind == "parity":
+            return self._copy_in(v, v.staging, self._ring(v, q, index) + r, payload, row=q)
+        if kind == "parity":
             if s not in v.layout or v.parity is None:
                 raise ProtocolError(f"node {self.node} holds no parity of stripe {s}")
             if meta.get("headers"):
                 v.headers[s] = bytes(payload)
-            else:
-                base, pad = v.layout[s]
-                off = meta["offset"]
-                if not (0 <= off and off + len(payload) <= pad):
-                    raise ProtocolError("parity piece out of range")
-                v.parity.mm[base + off : base + off + len(payload)] = payload
-                v.parity_got[s] = v.parity_got.get(s, 0) + len(payload)
-            if v.parity_got.get(s, 0) == v.layout[s][1] and s in v.headers:
-                self._stored(v, s)
+                self._check_parity(v, s)
+                return None
+            base, pad = v.layout[s]
+            off = meta["offset"]
+            if not (0 <= off and off + len(payload) <= pad):
+                raise ProtocolError("parity piece out of range")
+            return self._copy_in(v, v.parity, base + off, payload, stripe=s)
+        return None
+
+    async def _copy_in(self, v: _Version, seg: Segment, at: int, payload: memoryview, *, row: int = -1,
+                       stripe: int = -1) -> None:
+        """Copy a received piece into a segment in a thread (pwrite: the GIL is released), then count it."""
+        v.busy += 1  # the segment must not be reused or unmapped under the copy
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.copier, _pwrite, seg.fd, payload, at)
+        finally:
+            v.busy -= 1
+        if v.released:
+            self._retire(v)
+            return
+        if row >= 0:
+            v.row_in[row] = v.row_in.get(row, 0) + len(payload)
+            if v.row_in[row] == v.row_need[row]:
+                self._spawn(self._encode_row(v, row))
+        else:
+            v.parity_got[stripe] = v.parity_got.get(stripe, 0) + len(payload)
+            self._check_parity(v, stripe)
+
+    def _check_parity(self, v: _Version, s: int) -> None:
+        if v.parity_got.get(s, 0) == v.layout[s][1] and s in v.headers and s not in v.stored:
+            self._stored(v, s)
 
     def _stored(self, v: _Version, s: int) -> None:
         self.faults.hit(Phase.PARITY_STORE)  # parity of stripe s is complete here (received or encoded)
@@ -741,6 +780,7 @@ class GroupCommit:
             else:
                 self.release(*key)
         self.drop_spares()
+        self.copier.shutdown(wait=False)
 
     # --- what a rebuild needs -------------------------------------------------------------------
 
@@ -748,8 +788,9 @@ class GroupCommit:
         return [[job, step, epoch] for (job, step, epoch), v in sorted(self.versions.items())
                 if v.decided == "commit"]
 
-    def serve_fetch(self, f: dict) -> tuple[dict, list]:
-        """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity."""
+    async def serve_fetch(self, f: dict) -> tuple[dict, list]:
+        """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity
+        (the copy out of shm in a thread)."""
         key = _key(f)
         v = self.versions.get(key)
         if v is None or v.decided != "commit":
@@ -766,13 +807,21 @@ class GroupCommit:
             if s not in self.p.data_stripes(self.node) or off + n > b - a:
                 raise ProtocolError(f"node {self.node} has no data bytes {off}+{n} of stripe {s}")
             assert v.views is not None
-            return {}, [b"".join(bytes(mv) for _, mv in _slices(v.views, a + off, a + off + n))]
+            pieces = [mv for _, mv in _slices(v.views, a + off, a + off + n)]
+            return {}, [await asyncio.get_running_loop().run_in_executor(self.copier, b"".join, pieces)]
         if s not in v.layout or v.parity is None:
             raise ProtocolError(f"node {self.node} holds no parity of stripe {s}")
         base, pad = v.layout[s]
         if off + n > pad:
             raise ProtocolError("parity fetch out of range")
-        return {}, [bytes(v.parity.mm[base + off : base + off + n])]
+        v.busy += 1  # the segment must not be reused under the read
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self.copier, _pread, v.parity.fd, n, base + off)
+        finally:
+            v.busy -= 1
+        if v.released:
+            self._retire(v)
+        return {}, [data]
 
     def adopt_rebuilt(self, job: str, step: int, sizes: dict[int, int], manifests: dict[int, bytes],
                       views: list[memoryview], parity: Segment, layout: dict[int, tuple[int, int]],
@@ -845,6 +894,21 @@ def _write_file(name: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
+
+
+def _pwrite(fd: int, data: Any, at: int) -> None:
+    """Write ``data`` at offset ``at`` of a shm file (the kernel copies; the GIL is released)."""
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv, at)
+        mv, at = mv[n:], at + n
+
+
+def _pread(fd: int, n: int, at: int) -> bytes:
+    out = os.pread(fd, n, at)
+    if len(out) != n:
+        raise OSError(f"short read from shm: {len(out)} of {n} bytes at {at}")
+    return out
 
 
 def _unlink(name: str) -> None:

@@ -1233,7 +1233,10 @@ class DataPlane:
         self._closing: set[asyncio.Future] = set()
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-tag")
+        from .codec import lower_thread_priority  # (codec imports no pyeclib in this process)
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-tag",
+                                                           initializer=lower_thread_priority)
         self._ratelimit = _RateLimit(1.0)
 
     # --- setup ---

@@ -8,6 +8,7 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import fcntl
 import logging
@@ -39,6 +40,7 @@ from shardkeep.proto.transport import ipc_endpoint
 
 from . import admission
 from .arena import SHM_DIR, Slot, create_slot, open_existing, verify_slot
+from .codec import cpu_by_thread_role, lower_thread_priority
 from .config import DaemonConfig
 from .jobs import JobState
 
@@ -53,10 +55,12 @@ class Daemon:
         self._job_locks: dict[str, asyncio.Lock] = {}
         self._slot_ids = 0
         self._commit_seq = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-io")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sk-io",
+                                                           initializer=lower_thread_priority, initargs=(0,))
         self._stop: asyncio.Event | None = None
         self._lockfds: list[tuple[str, int]] = []
         self.started = time.time()
+        self.loop_lag: collections.deque[float] = collections.deque(maxlen=3000)  # seconds late, last samples
         self.errors = 0
         self.adopted = 0
         self.dropped_bad = 0
@@ -211,10 +215,12 @@ class Daemon:
                  self.instance, self.cfg.socket, self.cfg.shm_prefix, os.getpid(), len(self.jobs))
         reader = asyncio.create_task(self._serve(sock))
         janitor = asyncio.create_task(self._janitor())
+        lag = asyncio.create_task(self._lag_monitor())
         await self._stop.wait()
         reader.cancel()
         janitor.cancel()
-        await asyncio.gather(reader, janitor, return_exceptions=True)
+        lag.cancel()
+        await asyncio.gather(reader, janitor, lag, return_exceptions=True)
         sock.close(linger=0)
         if self.group is not None:
             await self.group.stop()
@@ -259,6 +265,24 @@ class Daemon:
                 idle = time.time() - job.last_active
                 if self.cfg.job_ttl and idle > self.cfg.job_ttl and not any(s.pinned for s in job.all_slots()):
                     self._drop_job(job, f"idle for {idle:.0f} s, longer than --job-ttl {self.cfg.job_ttl:.0f} s")
+
+    async def _lag_monitor(self, period: float = 0.02) -> None:
+        """How late the event loop wakes a sleeper: what a trainer's request waits before it is read."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(period)
+            self.loop_lag.append(max(0.0, loop.time() - t - period))
+
+    def loop_status(self) -> dict:
+        lags = sorted(self.loop_lag)
+        if not lags:
+            return {"samples": 0}
+
+        def ms(q: float) -> float:
+            return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1000, 2)
+
+        return {"samples": len(lags), "lag_ms_p50": ms(0.5), "lag_ms_p99": ms(0.99), "lag_ms_max": ms(1.0)}
 
     # --- serving -----------------------------------------------------------------
 
@@ -636,6 +660,8 @@ class Daemon:
                 "headroom": {h.name: h.free for h in admission.headrooms(self.cfg.memory_limit, self.used_bytes())},
             },
             "errors": self.errors,
+            "loop": self.loop_status(),
+            "cpu_s": cpu_by_thread_role(),
             "adopted_slots": self.adopted,
             "dropped_bad_slots": self.dropped_bad,
             "jobs": jobs,
@@ -664,11 +690,40 @@ def _daemon_alive(path: str) -> bool:
         s.close()
 
 
+async def _profiled(coro: Any, where: str) -> Any:
+    """SHARDKEEP_PROFILE=DIR (a diagnostic, not a setting): cProfile the event loop's thread and write
+    ``DIR/shardkeepd-<pid>.prof`` every 5 s and at exit (pstats format)."""
+    import cProfile
+
+    os.makedirs(where, exist_ok=True)
+    path = os.path.join(where, f"shardkeepd-{os.getpid()}.prof")
+    prof = cProfile.Profile()
+
+    async def dump() -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            prof.disable()
+            prof.dump_stats(path)
+            prof.enable()
+
+    task = asyncio.get_running_loop().create_task(dump())
+    prof.enable()
+    try:
+        return await coro
+    finally:
+        prof.disable()
+        task.cancel()
+        prof.dump_stats(path)
+
+
 def run_daemon(cfg: DaemonConfig) -> None:
     daemon = Daemon(cfg)
+    main = daemon.run()
+    if os.environ.get("SHARDKEEP_PROFILE"):
+        main = _profiled(main, os.environ["SHARDKEEP_PROFILE"])
     try:
         import uvloop  # type: ignore
     except ImportError:
-        asyncio.run(daemon.run())
+        asyncio.run(main)
     else:
-        uvloop.run(daemon.run())
+        uvloop.run(main)
