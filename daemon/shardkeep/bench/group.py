@@ -200,19 +200,26 @@ class TrainerChild:
                     "latency_s": perf() - t0}
 
     def loop(self, *, name: str, iters: int, steps: int, warmup: int, step0: int, use_snap: bool,
-             tail_timeout: float) -> dict:
+             tail_timeout: float, dcp_dir: str | None = None) -> dict:
         import torch.distributed as dist
 
         tiny = torch.zeros(1)
         recs, futs = [], []
         bsn.set_grads(self.model, False)
         snap = self.snap if use_snap else None
+        # dcp.async_save every step instead: each rank its own checkpoint of its own state (no_dist)
+        dcp_saver = bsn.DcpLoopSaver(self.model, self.opt, dcp_dir, no_dist=True) if dcp_dir and not snap else None
         if self.dist:
             dist.barrier()
         last_copy = snap.stats.last_copy_s if snap else 0.0
+        # the client's snapshot() -> local commit time (stats.last_commit_s) of each local commit seen between
+        # two steps; the future itself resolves only at group level
+        seen = (snap.stats.committed, snap.stats.skipped, snap.stats.last_commit_s) if snap else None
         t_block = perf()
         for i in range(warmup + steps):
             step = step0 + i
+            if snap is not None:
+                seen = self._local_commit(snap, seen, recs)
             b0 = snap.stats.blocked_s if snap else 0.0
             wall0 = time.time()
             t0 = perf()
@@ -246,6 +253,8 @@ class TrainerChild:
 
                 fut.add_done_callback(done)
                 futs.append(fut)
+            elif dcp_saver is not None:
+                rec.update(dcp_saver.step(step, rec))
             else:
                 # control for the machine's scheduling noise: the Python work of a snapshot() call
                 # (flatten the state, capture the RNG), timed where shardkeep is not involved
@@ -257,13 +266,17 @@ class TrainerChild:
                 rec["control_s"] = perf() - c0
             t5 = perf()
             rec["step_s"] = t5 - t0
-            rec["blocked_s"] = (snap.stats.blocked_s - b0) if snap is not None else 0.0
+            rec["blocked_s"] = (snap.stats.blocked_s - b0) if snap is not None else rec.get("dcp_blocked_s", 0.0)
             recs.append(rec)
         t_end = perf()
         tail = perf()
         unresolved = 0
+        if dcp_saver is not None:
+            dcp_saver.drain(tail_timeout)
+            time.sleep(0.01)  # the done callback that records dcp_total_s
         if snap is not None:
             snap.wait(tail_timeout)
+            self._local_commit(snap, seen, recs)
             _, pending = concurrent.futures.wait(futs, timeout=tail_timeout)
             unresolved = len(pending)
             time.sleep(0.01)  # done callbacks run right after a result is set
@@ -271,6 +284,17 @@ class TrainerChild:
                 recs[-1]["copy_s"] = snap.stats.last_copy_s
         return {"name": name, "iters": iters, "records": recs, "block_s": t_end - t_block,
                 "tail_wait_s": perf() - tail, "unresolved": unresolved, "load": loadavg()}
+
+    @staticmethod
+    def _local_commit(snap, seen: tuple, recs: list[dict]) -> tuple:
+        """Record ``stats.last_commit_s`` on the last record when exactly one local commit (and no skip,
+        which sets it too) happened since ``seen``; returns the new ``seen``."""
+        st = snap.stats
+        lc = st.last_commit_s
+        now = (st.committed, st.skipped, lc)
+        if recs and now[0] == seen[0] + 1 and now[1] == seen[1] and lc != seen[2] and st.last_commit_s == lc:
+            recs[-1]["local_commit_s"] = lc
+        return now
 
     def cmd_train(self, c: dict) -> dict:
         import datetime as _dt
@@ -283,16 +307,19 @@ class TrainerChild:
             self.dist = True
         step = c["step0"]
         blocks = []
+        modes = c.get("modes") or ["baseline", "shardkeep"]
         try:
             for reg in c["regimes"]:
                 for rnd in range(c["rounds"]):
-                    for use_snap in (False, True):
-                        steps = reg["sk_steps"] if use_snap else reg["base_steps"]
-                        name = f"{'shardkeep' if use_snap else 'baseline'}_{reg['key']}_r{rnd}"
+                    for mode in modes:
+                        steps = {"shardkeep": reg["sk_steps"], "baseline": reg["base_steps"],
+                                 "dcp": reg.get("dcp_steps", 0)}[mode]
+                        name = f"{mode}_{reg['key']}_r{rnd}"
+                        dcp_dir = os.path.join(c["dcp_dir"], f"rank{self.rank}") if mode == "dcp" else None
                         b = self.loop(name=name, iters=reg["iters"], steps=steps, warmup=c["warmup"], step0=step,
-                                      use_snap=use_snap, tail_timeout=c["tail_timeout"])
+                                      use_snap=mode == "shardkeep", tail_timeout=c["tail_timeout"], dcp_dir=dcp_dir)
                         step += c["warmup"] + steps
-                        b["regime"], b["mode"], b["round"] = reg["key"], "shardkeep" if use_snap else "baseline", rnd
+                        b["regime"], b["mode"], b["round"] = reg["key"], mode, rnd
                         blocks.append(b)
         finally:
             if self.dist:
@@ -438,7 +465,7 @@ class Trainers:
 
 
 class GroupDaemon(bsn.Daemon):
-    """One node's daemon: bench_single_node.Daemon with a given prefix and the group's flags."""
+    """One node's daemon: single_node.Daemon with a given prefix and the group's flags."""
 
     def __init__(self, root: Path, prefix: str, node: int, extra: list[str]) -> None:
         super().__init__(root)
@@ -936,6 +963,58 @@ def encode_bound(n: int, m: int, S: int, reps: int) -> dict:
             "raw_encode_gbps": rb / enc / GB, "memcpy_gbps": rb / cpy / GB, "bound_gbps": rb / (enc + cpy) / GB}
 
 
+def file_baselines(model, opt, root: Path, reps: int) -> dict:
+    """torch.save + fsync, torch.load (evicted and cached) + load_state_dict, dcp.save and dcp.async_save of
+    one node's state in this process: the measurements of ``single_node`` (same keys), for the same state."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    tf: dict = {}
+    path = str(root / "state.pt")
+    saves = []
+    for _ in range(reps):
+        sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+        saves.append(bsn.torch_save(sd, path))
+        del sd
+    tf["save"] = {"runs": saves, "total_s": summ([x["total_s"] for x in saves]),
+                  "fsync_s": summ([x["fsync_s"] for x in saves]), "bytes": saves[0]["bytes"]}
+    for how in ("evicted", "cached"):
+        runs = []
+        for _ in range(reps):
+            (bsn.evict if how == "evicted" else bsn.cache)(path)
+            resident = bsn.resident_fraction(path)
+            runs.append(dict(bsn.torch_load_into(path, model, opt), resident_before=resident))
+        tf[f"load_{how}"] = {"runs": runs, "load_s": summ([x["load_s"] for x in runs]),
+                             "total_s": summ([x["total_s"] for x in runs]),
+                             "resident_before": [x["resident_before"] for x in runs]}
+    os.unlink(path)
+    ckpt = str(root / "dcp")
+    d: dict = {"save_runs": [], "async_runs": []}
+    for _ in range(reps):
+        t0 = perf()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt, no_dist=True)
+        d["save_runs"].append(perf() - t0)
+        del msd, osd
+    for _ in range(reps):
+        t0 = perf()
+        msd, osd = get_state_dict(model, opt)
+        f = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=ckpt, no_dist=True)
+        t1 = perf()
+        f.result(timeout=600)
+        d["async_runs"].append({"call_s": t1 - t0, "total_s": perf() - t0})
+        del msd, osd, f
+    d["save"] = summ(d["save_runs"])
+    d["async_call"] = summ([x["call_s"] for x in d["async_runs"]])
+    d["async_total"] = summ([x["total_s"] for x in d["async_runs"]])
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"torch_file": tf, "dcp": d}
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -1113,6 +1192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="security modes to run, the first with the training phases (default: %(default)s)")
     ap.add_argument("--mode-snapshots", type=int, default=2,
                     help="group-level snapshots before the loss in the modes without training (default: 2)")
+    ap.add_argument("--dcp-steps", type=int, default=None,
+                    help="steps per regime with dcp.async_save every step on every rank, after the shardkeep "
+                         "phases; 0 to skip (default: 6; 2 with --quick)")
+    ap.add_argument("--baseline-reps", type=int, default=None,
+                    help="repetitions of torch.save + fsync, torch.load, dcp.save and dcp.async_save of one "
+                         "node's state before the daemons start; 0 to skip (default: 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.05 GB per node, few steps (~2 minutes)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/out/group-<timestamp>.json)")
     ap.add_argument("--record", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
@@ -1130,6 +1215,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.base_steps = 4 if args.quick else 12
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
+    if args.dcp_steps is None:
+        args.dcp_steps = 2 if args.quick else 6
+    if args.baseline_reps is None:
+        args.baseline_reps = 1 if args.quick else 2
     args.modes = [x for x in args.modes.split(",") if x]
     bad = [x for x in args.modes if x not in MODES]
     if bad:
@@ -1163,7 +1252,7 @@ def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkee
     S = 0
     tok = secrets.token_hex(3)
     R: dict = {"benchmark": "group", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "argv": sys.argv, "load_start": loadavg(), "loads": {}}
+               "argv": sys.argv, "load_start": loadavg(), "loads": {}, "shm_prefix": f"skbg{tok}"}
     R["machine"] = bsn.machine_info(str(tmp_root))
     R["config"] = {kk: v for kk, v in vars(args).items() if not kk.startswith("child")}
     group_flags = ["--heartbeat", "0.5", "--peer-timeout", "3", "--group-commit-timeout", "60",
@@ -1176,6 +1265,7 @@ def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkee
     ok = False
     t_run = perf()
     try:
+        log(f"shm prefix skbg{tok}, temp dir {tmp_root}")
         sampler.start()
         # 1. the state, the plain copy and the compute calibration (idle machine) ----------------
         n_layers = max(1, round(args.size * GB / bsn.layer_bytes(args.width)))
@@ -1197,7 +1287,17 @@ def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkee
             f"payload S = {S:,} B")
         R["loads"]["references"] = loadavg()
         R["plain_copy"] = bsn.plain_copy(tensors, 5, 1)
-        del tensors, state, model, opt
+        del tensors
+        if args.baseline_reps:
+            R["loads"]["baselines"] = loadavg()
+            R["baselines"] = file_baselines(model, opt, tmp_root, args.baseline_reps)
+            bl = R["baselines"]
+            log(f"one node's state: torch.save+fsync {bl['torch_file']['save']['total_s']['median']:.3f} s, torch.load "
+                f"+ load_state_dict {bl['torch_file']['load_evicted']['total_s']['median']:.3f} s (evicted), "
+                f"{bl['torch_file']['load_cached']['total_s']['median']:.3f} s (cached); dcp.save "
+                f"{bl['dcp']['save']['median']:.3f} s, async_save call {bl['dcp']['async_call']['median']:.3f} s, "
+                f"total {bl['dcp']['async_total']['median']:.3f} s")
+        del state, model, opt
         t_copy = R["plain_copy"]["s"]["median"]
         compute = bsn.Compute()
         mm_s = compute.calibrate()
@@ -1209,6 +1309,7 @@ def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkee
             reg["iters"] = max(1, round(reg["target_s"] / mm_s))
             reg["sk_steps"] = args.steps if reg["key"] == "long" else args.short_steps
             reg["base_steps"] = args.base_steps
+            reg["dcp_steps"] = args.dcp_steps
         R["calibration"] = {"t_copy_s": t_copy, "matmul_s": mm_s}
         R["regimes"] = regimes
         log(f"plain copy_ {R['plain_copy']['gbps']:.2f} GB/s (T_copy {t_copy * 1e3:.1f} ms); matmul "
@@ -1299,6 +1400,21 @@ def main(argv=None, out_dir: Path | None = None, prog: str = "python -m shardkee
                 log(f"[{mode}] training phases done in {M['train_s']:.1f} s")
                 g.collect()
                 M["status_cli"] = {f"node{d.node}": d.status_cli() for d in g.daemons}
+                if args.dcp_steps:
+                    # the same loop with dcp.async_save every step on every rank (its own directory), for
+                    # comparison; after the shardkeep phases so that neither disturbs the other's numbers
+                    sampler.phase = g.phase = "train_dcp"
+                    R["loads"]["train_dcp"] = loadavg()
+                    t0 = perf()
+                    res = tr.call_all({"cmd": "train", "regimes": regimes, "rounds": 1, "warmup": args.warmup,
+                                       "step0": step, "modes": ["dcp"], "dcp_dir": str(tmp_root / "dcp-train"),
+                                       "sync_file": None if args.no_sync else str(tmp_root / f"gloo-dcp-{mode}"),
+                                       "tail_timeout": 600}, 3000)
+                    M["train_dcp_s"] = perf() - t0
+                    M["train_dcp"] = res
+                    step = res[0]["next_step"]
+                    shutil.rmtree(tmp_root / "dcp-train", ignore_errors=True)
+                    log(f"[{mode}] dcp.async_save every step done in {M['train_dcp_s']:.1f} s")
 
             # 5. the last group-level version = the trainers' current state; memory at rest ------
             sampler.phase = f"settle_{mode}"
@@ -1512,6 +1628,19 @@ def analyze(R: dict, n: int, m: int, S: int, slots: int) -> dict:
                 "overhead_vs_copy": ratio((med([r["step_s"] for r in sk]) or 0) - (med([r["step_s"] for r in base]) or 0),
                                           R["calibration"]["t_copy_s"]),
             }
+            lc = [r.get("local_commit_s") for r in sk_all if r.get("local_commit_s") is not None]
+            A[f"train_{key}"]["local_commit"] = dict(summ(lc), p99=quantile(lc, 0.99))
+            dc = [r for res in first.get("train_dcp") or [] for b in res["blocks"] if b["regime"] == key
+                  for r in b["records"] if not r["warmup"]]
+            if dc:
+                dblk = [r["blocked_s"] for r in dc]
+                A[f"train_{key}"]["dcp"] = {
+                    "step": summ([r["step_s"] for r in dc]), "compute": summ([r["compute_s"] for r in dc]),
+                    "blocked": dict(summ(dblk), p99=quantile(dblk, 0.99)),
+                    "call": summ([r.get("dcp_call_s") for r in dc]), "wait_prev": summ([r.get("dcp_wait_prev_s") for r in dc]),
+                    "total": summ([r.get("dcp_total_s") for r in dc]),
+                    "overhead": ratio(med([r["step_s"] for r in dc]), med([r["step_s"] for r in base])),
+                }
         bound = R["encode_bound"]["bound_gbps"]
         lo, hi = first.get("train_steps", [0, -1])
         A["daemon_commits"] = commit_stats([e for e in first.get("commits", []) if lo <= e["step"] <= hi], bound)
@@ -1660,6 +1789,19 @@ def render(R: dict) -> str:
         f"steps without and {cfg['steps']} (compute > copy) / {cfg['short_steps']} (compute < copy) with shardkeep "
         f"(+{cfg['warmup']} warm-up per block)")
 
+    bl = R.get("baselines")
+    if bl:
+        sec("one node's state to and from a file, in the benchmark process (before the daemons start)")
+        tf, d = bl["torch_file"], bl["dcp"]
+        row("torch.save + fsync", fmt_s(tf["save"]["total_s"]["median"]),
+            f"{tf['save']['bytes']:,} B; fsync {fmt_s(tf['save']['fsync_s']['median'])}; {R['machine']['tmp_dir_fs']}")
+        for how in ("evicted", "cached"):
+            row(f"torch.load + load_state_dict, {how}", fmt_s(tf[f"load_{how}"]["total_s"]["median"]),
+                f"torch.load alone {fmt_s(tf[f'load_{how}']['load_s']['median'])}")
+        row("dcp.save", fmt_s(d["save"]["median"]), "no_dist")
+        row("dcp.async_save, blocking / total", f"{fmt_s(d['async_call']['median'])} / "
+            f"{fmt_s(d['async_total']['median'])}", "default stager, thread executor")
+
     sec("references measured in this run (before the daemons start)")
     pc = R.get("plain_copy")
     if pc:
@@ -1729,6 +1871,19 @@ def render(R: dict) -> str:
                 f"them sooner, and every snapshot is skipped meanwhile")
         row("  snapshot() -> future resolved at group level", fmt_s(T["to_group"]["median"]),
             f"max {fmt_s(T['to_group']['max'])} (median over {T['to_group']['n']} group-level futures)")
+        lc = T.get("local_commit") or {}
+        if lc.get("n"):
+            row("  snapshot() -> local commit (client)", fmt_s(lc["median"]),
+                f"p99 {fmt_s(lc['p99'])}, max {fmt_s(lc['max'])} over {lc['n']} local commits seen between two steps")
+        dc = T.get("dcp")
+        if dc:
+            row("  step, dcp.async_save every step", fmt_s(dc["step"]["median"]),
+                f"overhead {fmt_x(dc['overhead'])} of the steps without checkpointing above (a later phase, not "
+                f"interleaved); compute {fmt_s(dc['compute']['median'])}")
+            row("    blocked per step (dcp: wait + call)", fmt_s(dc["blocked"]["median"]),
+                f"p99 {fmt_s(dc['blocked']['p99'])}; call {fmt_s(dc['call']['median'])}, wait "
+                f"{fmt_s(dc['wait_prev']['median'])}, save total {fmt_s(dc['total']['median'])}; each rank its own "
+                f"checkpoint (no_dist) in --tmp-dir")
 
     eb = R.get("encode_bound") or {}
     for dkey, ckey, title in (("daemon_commits", "cpu_train", f"during the training phases ({first_mode})"),

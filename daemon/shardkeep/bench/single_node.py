@@ -401,8 +401,8 @@ def summarize(recs: list[dict]) -> dict:
 class DcpLoopSaver:
     """``dcp.async_save`` every step; waits for the previous save first, as a user must."""
 
-    def __init__(self, model, opt, ckpt_dir: str) -> None:
-        self.model, self.opt, self.dir = model, opt, ckpt_dir
+    def __init__(self, model, opt, ckpt_dir: str, no_dist: bool = False) -> None:
+        self.model, self.opt, self.dir, self.no_dist = model, opt, ckpt_dir, no_dist
         self.prev = None
 
     def step(self, step: int, rec: dict) -> dict:
@@ -414,7 +414,8 @@ class DcpLoopSaver:
             self.prev.result(timeout=600)
         t1 = perf()
         msd, osd = get_state_dict(self.model, self.opt)
-        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.dir)
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.dir,
+                             **({"no_dist": True} if self.no_dist else {}))
         t2 = perf()
         fut.add_done_callback(lambda f, c=t1: rec.__setitem__("dcp_total_s", perf() - c))
         self.prev = fut
@@ -681,6 +682,13 @@ def render(R: dict) -> str:
                 f"wait {fmt_s(g(dl, 'dcp_wait_prev_s', 'median'))} + call {fmt_s(g(dl, 'dcp_call_s', 'median'))}; "
                 f"save total {fmt_s(g(dl, 'dcp_total_s', 'median'))}")
 
+    sh = R.get("shm")
+    if sh:
+        sec("memory")
+        row("daemon's /dev/shm after the loops", f"{sh['bytes'] / GB:.3f} GB",
+            f"{fmt_x(ratio(sh['bytes'], sh['target']))} of --slots {sh['slots']} x the snapshot bytes; "
+            f"{len(sh['files'])} files")
+
     rs, tl, cold = R.get("restore"), R.get("torch_file"), R.get("cold", {})
     if rs or tl:
         sec("restore (into the existing model and optimizer)")
@@ -904,7 +912,9 @@ def main(argv=None, out_dir: Path | None = None) -> int:
             return res
 
         # 3a. shardkeep: daemon, client, first snapshot (a new layout: registration) --------------------------
-        daemon = Daemon(Path(tmp_root) / "daemon").start()
+        daemon = Daemon(Path(tmp_root) / "daemon")
+        R["shm_prefix"] = daemon.prefix
+        daemon.start()
         log(f"daemon up: prefix {daemon.prefix}, socket {daemon.socket}")
         job = f"bench-{secrets.token_hex(4)}"
         snap = Snapshotter(socket=daemon.socket, job=job, rank=0, world_size=1)
@@ -973,6 +983,15 @@ def main(argv=None, out_dir: Path | None = None) -> int:
                 summary[f"{mode}_{k}"]["round_step_medians_s"] = [
                     loops[f"{mode}_{k}_r{rnd}"]["summary"]["step_s"]["median"] for rnd in range(args.rounds)]
         R["snapshot_stats"] = dict(vars(snap.stats))
+        # the daemon's shared memory after the loops (its slots; target: --slots x the snapshot bytes)
+        from shardkeep.proto.config import DEFAULT_SLOTS
+
+        shm_files = {}
+        for p in SHM.glob(f"{daemon.prefix}*"):
+            with contextlib.suppress(OSError):
+                shm_files[p.name] = p.stat().st_size
+        R["shm"] = {"prefix": daemon.prefix, "bytes": sum(shm_files.values()), "files": shm_files,
+                    "slots": DEFAULT_SLOTS, "target": DEFAULT_SLOTS * snap_bytes}
         normal = summary[f"baseline_{regimes[0]['key']}"]["step_s"]["median"]
         fs["normal_step_s"] = normal
         fs["stall_s"] = sum(max(0.0, d["step_s"] - normal) for d in fs["steps_during"])
