@@ -232,6 +232,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shardkeep.bench.suite import run_suite
+
+    return run_suite(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardkeep",
@@ -311,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for the kill step and the lost node (default: random)")
     p.add_argument("--keep", action="store_true", help="leave the daemons running to inspect with shardkeep status")
     p.set_defaults(func=cmd_demo)
+
+    from shardkeep.bench import suite as bench_suite
+
+    p = sub.add_parser("bench", help="benchmark against torch.save/torch.load and DCP on one node and on a "
+                                     "local group; a table, a JSON and a chart (benchmarks/README.md)")
+    bench_suite.add_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
