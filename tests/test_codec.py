@@ -567,3 +567,18 @@ def test_worker_mapping_cache_lets_go_of_unlinked_segments(tmp_path):
                 os.unlink(os.path.join(SHM_DIR, nm))
             except FileNotFoundError:
                 pass
+
+
+def test_workers_run_below_the_daemon():
+    """Codec workers are niced below the daemon (its event loop answers trainers first)."""
+    from shardkeep.daemon.codec import BACKGROUND_NICE
+
+    with CodecPool(workers=1) as p:
+        deadline = time.monotonic() + 30
+        while not p.worker_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (pid,) = p.worker_pids()
+        want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE)
+        while os.getpriority(os.PRIO_PROCESS, pid) != want and time.monotonic() < deadline:
+            time.sleep(0.05)  # it lowers itself once started
+        assert os.getpriority(os.PRIO_PROCESS, pid) == want

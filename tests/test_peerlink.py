@@ -583,7 +583,7 @@ def test_data_plane_back_pressure_and_deadlines(keydir):
             seqs = [(await d1.recv(timeout=5)).seq for _ in range(sent)]
             assert seqs == list(range(1, sent + 1))
             await d0.send(1, "chunk", {}, b"after", timeout=5)
-            while (m := await d1.recv(timeout=5)).payload.nbytes != 5:
+            while (await d1.recv(timeout=5)).payload.nbytes != 5:
                 pass  # the timed-out message may or may not have gone out
             assert d1.forged_dropped == 0
             # a peer that is not there
@@ -689,5 +689,34 @@ def test_closing_a_client_fails_its_pending_send_without_cancelling_the_caller()
                 await asyncio.wait_for(t, 5)
         finally:
             await pctx.close()
+
+    asyncio.run(main())
+
+
+def test_bulk_work_runs_below_the_event_loop():
+    """ZeroMQ's I/O threads of the peer context and the data plane's BLAKE3 threads run at a lower priority
+    than the event loop's thread (which answers trainers); a trainer-facing context is left alone."""
+    from shardkeep.daemon.codec import BACKGROUND_NICE
+    from shardkeep.daemon.peerlink import _zmq_io_threads
+
+    async def main():
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        other = zmq.Context()
+        other.socket(zmq.DEALER).close()
+        others = _zmq_io_threads()
+        p = await PeerContext(PeerSecurity("insecure", 0)).start()
+        dp = DataPlane(p, "127.0.0.1", 0)
+        await dp.start()
+        try:
+            io = _zmq_io_threads() - others
+            assert io and all(os.getpriority(os.PRIO_PROCESS, t) == min(19, mine + BACKGROUND_NICE) for t in io)
+            assert all(os.getpriority(os.PRIO_PROCESS, t) == mine for t in others)
+            tids = dp._pool.submit(lambda: __import__("threading").get_native_id()).result()
+            assert os.getpriority(os.PRIO_PROCESS, tids) == min(19, mine + BACKGROUND_NICE)
+            assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+        finally:
+            await dp.close()
+            await p.close()
+            other.destroy(linger=0)
 
     asyncio.run(main())

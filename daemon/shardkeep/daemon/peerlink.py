@@ -39,6 +39,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -461,11 +462,27 @@ class PeerContext:
         self.ctx = zmq.asyncio.Context()
         self.auth: _KeyDirAuthenticator | None = None
         self._closed = False
+        self._io_before: set[int] | None = _zmq_io_threads()  # its I/O threads start with the first socket
+
+    def _io_started(self) -> None:
+        """The context's I/O threads (TCP, CURVE of every peer transfer) exist now: they run below the event
+        loop's thread, like the other bulk work, so that a trainer's request is answered first."""
+        if self._io_before is not None:
+            from .codec import BACKGROUND_NICE
+
+            for tid in _zmq_io_threads() - self._io_before:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) +
+                                                             BACKGROUND_NICE))
+                except OSError:
+                    pass
+            self._io_before = None
 
     async def start(self) -> "PeerContext":
         if self.security.curve_control and self.auth is None:
             self.auth = _KeyDirAuthenticator(self.ctx, self.security)
             self.auth.start()
+            self._io_started()
         return self
 
     @property
@@ -491,6 +508,7 @@ class PeerContext:
         if self._closed:
             raise UnavailableError("the peer context is closed")
         s = self.ctx.socket(kind)
+        self._io_started()
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
@@ -512,6 +530,19 @@ class PeerContext:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def _zmq_io_threads() -> set[int]:
+    """Native ids of this process's ZeroMQ I/O threads (Linux; empty elsewhere)."""
+    out = set()
+    try:
+        for t in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{t}/comm") as fh:
+                if fh.read().startswith("ZMQbg/IO"):
+                    out.add(int(t))
+    except OSError:
+        pass
+    return out
 
 
 def _bind(sock: zmq.Socket, security: PeerSecurity, address: str, what: str) -> str:
