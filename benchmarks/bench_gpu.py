@@ -142,7 +142,8 @@ def loop(model, opt, a, iters, steps, first_step, snap=None, dcp_dir=None) -> di
         if snap is not None:
             c0 = perf()
             fut = snap.snapshot(state, step)
-            fut.add_done_callback(lambda f, c=c0: futs.append((perf() - c, f.result().status)))
+            fut.add_done_callback(lambda f, c=c0: futs.append((perf() - c, f.result().status,
+                                                               dict(snap.stats.last_phases))))
             blocked = snap.stats.blocked_s - b0
         if dcp_dir is not None:
             c0 = perf()
@@ -161,9 +162,12 @@ def loop(model, opt, a, iters, steps, first_step, snap=None, dcp_dir=None) -> di
     out = {k: summ([r[k] for r in warm]) for k in ("step_s", "blocked_s", "dcp_blocked_s")}
     if snap is not None:
         time.sleep(0.5)
-        out["commit_s"] = summ([t for t, s in futs if s == "committed"])
-        out["committed"] = sum(1 for _, s in futs if s == "committed")
-        out["skipped"] = sum(1 for _, s in futs if s != "committed")
+        out["commit_s"] = summ([t for t, s, _ in futs if s == "committed"])
+        out["committed"] = sum(1 for _, s, _ in futs if s == "committed")
+        out["skipped"] = sum(1 for _, s, _ in futs if s != "committed")
+        names = ("started", "begun", "issued", "copied", "hashed", "committed")
+        out["phases_s"] = {k: statistics.median([ph[k] for _, _, ph in futs if k in ph] or [float("nan")])
+                           for k in names}
     return out
 
 
@@ -174,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per loop block (default 10)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/gpu-<time>.json)")
     ap.add_argument("--tmp-dir", default=os.environ.get("TMPDIR", "/tmp"))
+    ap.add_argument("--hash-threads", type=int, default=None, help="Snapshotter(hash_threads=...) (default: its own)")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (default: Python's)")
+    ap.add_argument("--long-only", action="store_true", help="only the regime with compute longer than the copy")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the same loops on the CPU, to check this script on a machine without a GPU")
     args = ap.parse_args(argv)
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
         print("no CUDA device: the GPU benchmark did not run")
         return 0
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     from shardkeep.client import Snapshotter
 
     R: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -200,7 +209,8 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="skgpu", dir=args.tmp_dir))
     proc, sock, prefix = start_daemon(root)
     try:
-        with Snapshotter(socket=sock, job=f"gpu-{secrets.token_hex(3)}", rank=0, world_size=1) as snap:
+        with Snapshotter(socket=sock, job=f"gpu-{secrets.token_hex(3)}", rank=0, world_size=1,
+                         hash_threads=args.hash_threads) as snap:
             t0 = perf()
             first = snap.snapshot({"model": model, "opt": opt}, 1).result(timeout=600)
             R["first_snapshot_s"], R["first_status"] = perf() - t0, first.status
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
             step = 3
             R["copy_into_shm_s"] = snap.stats.last_copy_s
             R["copy_into_shm_gbps"] = nbytes / snap.stats.last_copy_s / 1e9
-            for regime, mult in (("long", 3.0), ("short", 0.3)):
+            for regime, mult in (("long", 3.0), ("short", 0.3))[: 1 if args.long_only else 2]:
                 iters = calibrate(a, mult * max(R["copy_into_shm_s"], t_copy))
                 base = loop(model, opt, a, iters, args.steps, step)
                 with_sk = loop(model, opt, a, iters, args.steps, step, snap=snap)
@@ -269,6 +279,8 @@ def render(R: dict) -> str:
              f"first snapshot (slots made, mapped, page-locked): {R['first_snapshot_s']:.2f} s ({R['first_status']})",
              f"copy into shm (side stream + xxh3): {ms(R['copy_into_shm_s'])} ({R['copy_into_shm_gbps']:.1f} GB/s)"]
     for regime in ("long", "short"):
+        if regime not in R:
+            continue
         d = R[regime]
         b, s, c = d["no_checkpoint"], d["shardkeep"], d["dcp_async"]
         lines += [f"compute {regime} ({d['compute_iters']} matmuls): step {ms(b['step_s']['median'])} without; "
@@ -279,7 +291,8 @@ def render(R: dict) -> str:
                   f"  training thread blocked per step: shardkeep {ms(s['blocked_s']['median'])} median, "
                   f"{ms(s['blocked_s']['p99'])} p99; dcp.async_save {ms(c['dcp_blocked_s']['median'])} median",
                   f"  snapshot -> local commit {ms(s['commit_s'].get('median', float('nan')))}; "
-                  f"committed {s['committed']}, skipped {s['skipped']}"]
+                  f"committed {s['committed']}, skipped {s['skipped']}",
+                  "  phases after snapshot() (median): " + ", ".join(f"{k} {ms(v)}" for k, v in s["phases_s"].items())]
     lines += [f"warm restore into the GPU model + Adam: {ms(R['restore_s'])} ({R['restore_gbps']:.1f} GB/s); "
               f"torch.load(map_location=cuda) from page cache {ms(R['torch_load_cached_s'])}; "
               f"torch.save + fsync {ms(R['torch_save_fsync_s'])}"]

@@ -76,6 +76,10 @@ class Stats:
     blocked_s: float = 0.0          # total time the training thread spent in shardkeep
     last_copy_s: float = 0.0
     last_commit_s: float = 0.0      # snapshot() call to local commit
+    # seconds from the snapshot() call to each phase of the last snapshot written: started (the
+    # background thread took it), begun (the daemon gave a slot), issued (GPU copies queued),
+    # copied, hashed, committed; for profiling (benchmarks print them)
+    last_phases: dict = field(default_factory=dict)
     registrations: int = 0
 
 
@@ -117,6 +121,7 @@ class _Pending:
     cancelled: bool = False           # training went on before the copy began: skip this step
     torn: bool = False                # a hook stopped waiting mid-copy: never commit this copy
     t0: float = field(default_factory=time.perf_counter)
+    phases: dict = field(default_factory=dict)
     cuda_device: Any = None           # the one GPU that holds the state's device tensors
     cuda_event: Any = None            # recorded on the training stream at snapshot(): the copy starts after it
     released: threading.Event = field(default_factory=threading.Event)  # GPU state: every copy is queued
@@ -220,7 +225,14 @@ class Snapshotter:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= wire.MAX_STEP:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         t0 = time.perf_counter()
-        self._wait_done()
+        prev = self._pending
+        if prev is not None and prev.cuda_event is not None and not prev.done.is_set():
+            # GPU state: the previous snapshot's copies are queued on the side stream; this one queues
+            # behind them.  Waiting for its checksums and commit here would hold the training thread
+            # until the GPU has reached that snapshot and the hashing is done, a step later
+            self._wait_done(event=prev.released)
+        else:
+            self._wait_done()
         flat = flatten(state, rng_mod.capture() if self.capture_rng else None)
         self._install_hooks(flat)
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -396,12 +408,15 @@ class Snapshotter:
                       self.job, self.rank, p.step, limit)
         self.stats.blocked_s += time.perf_counter() - t0
 
-    def _wait_done(self, timeout: float | None = None) -> None:
+    def _wait_done(self, timeout: float | None = None, event: threading.Event | None = None) -> None:
         p = self._pending
-        if p is None or p.done.is_set():
+        if p is None:
             return
-        self._block_on(p, p.done, timeout)
-        if not p.done.is_set():
+        ev = p.done if event is None else event
+        if ev.is_set():
+            return
+        self._block_on(p, ev, timeout)
+        if not ev.is_set():
             raise ShardkeepTimeoutError(
                 f"copy of step {p.step} into shared memory did not finish in {timeout or 3 * self.timeout:.0f} s"
             )
@@ -530,6 +545,7 @@ class Snapshotter:
 
     def _write(self, p: _Pending) -> SnapshotResult:
         flat = p.flat
+        p.phases = {"started": time.perf_counter() - p.t0}
         specs = []
         dtypes = []
         for t, name in zip(flat.tensors, flat.names):
@@ -549,6 +565,7 @@ class Snapshotter:
         reg, slot_id, why = self._begin(p, data_bytes, est)
         if slot_id is None:
             return SnapshotResult(p.step, "skipped", None, why)
+        p.phases["begun"] = time.perf_counter() - p.t0
         with p.lock:
             if p.cancelled:
                 cancelled = True
@@ -574,6 +591,8 @@ class Snapshotter:
             "commit", {"job": self.job, "rank": self.rank, "step": p.step, "session": reg.session, "slot": slot_id},
             [manifest.encode()],
         )
+        p.phases["committed"] = time.perf_counter() - p.t0
+        self.stats.last_phases = p.phases
         if r.fields.get("status") != "committed":
             return SnapshotResult(p.step, "skipped", None, str(r.fields.get("reason", "")))
         p.group = bool(r.fields.get("group")) and bool(r.fields.get("recorded"))
@@ -596,6 +615,7 @@ class Snapshotter:
                 self._maps.pin(mapping)  # page-locked, so the copies run asynchronously at full speed
 
             def issued(last_event) -> None:
+                p.phases["issued"] = time.perf_counter() - p.t0
                 p.copied_event = last_event
                 p.released.set()
 
@@ -610,7 +630,9 @@ class Snapshotter:
             copy_all(flat.tensors, entries, dtypes, region, hasher, order, after, stream, issued)
             if not order:
                 self._faults.hit(Phase.COPY)
+            p.phases["copied"] = time.perf_counter() - p.t0
             manifest.checksums = hasher.finish()
+            p.phases["hashed"] = time.perf_counter() - p.t0
         finally:
             concurrent.futures.wait(hasher.pending)  # hashing threads hold views of ``data``
             data.release()
