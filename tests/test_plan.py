@@ -192,6 +192,12 @@ def test_inputs_from_a_daemon_status():
     assert inp.sources["commit_latency"][0] == "daemon" and inp.sources["parity"] == ("flag", "")
     assert inp.restore == pytest.approx(0.8e9 / P.RESTORE_RATE) and inp.sources["restore"][0] == "daemon"
     assert P.from_status(None) == {} and P.from_status({"group": None, "jobs": []}) == {}
+    assert "rebuild" not in got
+    st["recover"] = {"state": "done", "seconds": 4.25, "bytes_fetched": 1.6e9}
+    inp = P.resolve_inputs(1000, 64, {}, st)
+    assert inp.rebuild == 4.25 and inp.sources["rebuild"][0] == "daemon"
+    st["recover"] = {"state": "running", "bytes_fetched": 1e9}
+    assert "rebuild" not in P.from_status(st)
 
 
 @pytest.mark.parametrize("mtbf,nodes,kw,words", [

@@ -75,7 +75,7 @@ def test_replacement_rebuilt_by_shardkeep_recover_restores_bitwise(make_daemon, 
         assert f"job {job_id} step 2" in r.stdout and "verified" in r.stdout
         prog = rep.status()["recover"]
         assert prog["state"] == "done" and prog["stripes_done"] == prog["stripes_total"] == n
-        assert prog["bytes_fetched"] > 0
+        assert prog["bytes_fetched"] > 0 and 0 < prog["seconds"] < 300
     for i, rep in reps.items():
         assert rep.job_status(job_id)["restorable"] == [2]
         fresh = {"w": torch.zeros_like(saved[i]["w"]), "b": torch.zeros_like(saved[i]["b"]), "step": -1}

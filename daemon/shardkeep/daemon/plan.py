@@ -292,6 +292,10 @@ def from_status(st: dict | None) -> dict[str, tuple[float, str]]:
     size = _state_per_node(st)
     if size is not None:
         out["state_bytes"] = size
+    rec = st.get("recover")
+    if isinstance(rec, dict) and rec.get("state") == "done" and isinstance(rec.get("seconds"), (int, float)):
+        out["rebuild"] = (float(rec["seconds"]), f"this node's last recover: {rec.get('bytes_fetched', 0) / 1e9:.3g} GB "
+                                                 f"fetched in {rec['seconds']:g} s")
     return out
 
 

@@ -94,6 +94,7 @@ async def rebuild(daemon: Any) -> dict:
         raise UnavailableError("; ".join(failed) + (f" (rebuilt: {[(v['job'], v['step']) for v in done]})"
                                                       if done else ""))
     daemon.recover_progress["state"] = "done"
+    daemon.recover_progress["seconds"] = round(time.monotonic() - t0, 3)
     return {"versions": done, "seconds": round(time.monotonic() - t0, 3)}
 
 
