@@ -26,6 +26,7 @@ from shardkeep.proto.manifest import Manifest
 from shardkeep.proto.faults import Phase
 
 from .arena import Segment, create_segment, create_slot, verify_slot
+from .groupcommit import _pwrite
 from .jobs import JobState
 from .stripes import chunk_bounds
 
@@ -98,13 +99,15 @@ async def rebuild(daemon: Any) -> dict:
     return {"versions": done, "seconds": round(time.monotonic() - t0, 3)}
 
 
-async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: memoryview,
+async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst: Segment, at: int,
                  progress: dict | None = None) -> None:
-    """Fill ``dst`` with ``length`` bytes fetched from the first source that answers.
+    """Fill ``length`` bytes of ``dst`` from offset ``at``, fetched from the first source that answers.
 
-    ``WINDOW`` requests of ``FETCH`` bytes are in flight at a time; each reply is
-    copied into ``dst`` straight from the received frame.
+    ``WINDOW`` requests of ``FETCH`` bytes are in flight at a time; each reply goes
+    from the received frame into the segment by ``pwrite`` in a copy thread (no
+    page faults in this process, no GIL, off the event loop).
     """
+    loop = asyncio.get_running_loop()
     last: Exception | None = None
     for j in sources:
         client = group.clients[j]
@@ -117,7 +120,7 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
             data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
             if data.nbytes != n:
                 raise IntegrityError(f"node {j} sent {data.nbytes} bytes for {n}")
-            dst[off : off + n] = data
+            await loop.run_in_executor(group.gc.copier, _pwrite, dst.fd, data, at + off)
             if progress is not None:
                 progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
 
@@ -254,15 +257,12 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                 n = (lambda ab: ab[1] - ab[0])(chunk(h, s))
                 if n:
                     fetches.append(_fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "data",
-                                                      "stripe": s}, n,
-                                          memoryview(st.mm)[idx * Ls : idx * Ls + n], daemon.recover_progress))
+                                                      "stripe": s}, n, st, idx * Ls, daemon.recover_progress))
                 have[idx] = [(st.name, idx * Ls, n)] if n else []
             spare = [(j, h) for j, h in enumerate(p.parity_holders(s)) if h != me and h in live]
             for j, h in spare[: max(0, k - len(have))]:  # the parity that stands in for lost chunks
                 fetches.append(_fetch(group, [h], {"job": job, "step": step, "epoch": epoch, "what": "parity",
-                                                  "stripe": s}, ps,
-                                      memoryview(st.mm)[k * Ls + j * ps : k * Ls + (j + 1) * ps],
-                                      daemon.recover_progress))
+                                                  "stripe": s}, ps, st, k * Ls + j * ps, daemon.recover_progress))
                 have[k + j] = [(st.name, k * Ls + j * ps, ps)]
             await _all(fetches)  # every survivor's fragment at once
             if all(i in have for i in range(k)):  # every data chunk survives: encode (this also gives the headers)
@@ -272,7 +272,8 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                     if idx >= k:
                         q = idx - k
                         base = ext[0][1]
-                        parity.mm[base : base + ps] = st.mm[k * Ls + q * ps : k * Ls + (q + 1) * ps]
+                        await loop.run_in_executor(gc.copier, _pwrite, parity.fd,
+                                                   memoryview(st.mm)[k * Ls + q * ps : k * Ls + (q + 1) * ps], base)
                 headers[s] = hdr
                 return
             if len(have) < k:
