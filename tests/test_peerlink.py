@@ -697,21 +697,28 @@ def test_bulk_work_runs_below_the_event_loop():
     """ZeroMQ's I/O threads of the peer context and the data plane's BLAKE3 threads run at a lower priority
     than the event loop's thread (which answers trainers); a trainer-facing context is left alone."""
     from shardkeep.daemon.codec import BACKGROUND_NICE
-    from shardkeep.daemon.peerlink import _zmq_io_threads
+    from shardkeep.daemon.peerlink import _threads, _zmq_io_threads
 
     async def main():
         mine = os.getpriority(os.PRIO_PROCESS, 0)
-        before = _zmq_io_threads()  # (earlier tests' contexts may still be going away)
+        before = _threads()  # (earlier tests' contexts may still be going away)
         other = zmq.Context()
         other.socket(zmq.DEALER).close()
-        others = _zmq_io_threads() - before
+
+        def named(exclude: set[int]) -> set[int]:  # a new thread names itself ZMQbg/IO/n once it runs
+            deadline = time.monotonic() + 10
+            while not (_zmq_io_threads() - exclude) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return _zmq_io_threads() - exclude
+
+        others = named(before)
         p = await PeerContext(PeerSecurity("insecure", 0)).start()
         dp = DataPlane(p, "127.0.0.1", 0)
         await dp.start()
         try:
-            io = _zmq_io_threads() - others - before
+            io = named(others | before)
             assert io and all(os.getpriority(os.PRIO_PROCESS, t) == min(19, mine + BACKGROUND_NICE) for t in io)
-            assert all(os.getpriority(os.PRIO_PROCESS, t) == mine for t in others)
+            assert others and all(os.getpriority(os.PRIO_PROCESS, t) == mine for t in others)
             tids = dp._pool.submit(lambda: __import__("threading").get_native_id()).result()
             assert os.getpriority(os.PRIO_PROCESS, tids) == min(19, mine + BACKGROUND_NICE)
             assert os.getpriority(os.PRIO_PROCESS, 0) == mine

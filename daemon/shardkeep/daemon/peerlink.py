@@ -462,7 +462,7 @@ class PeerContext:
         self.ctx = zmq.asyncio.Context()
         self.auth: _KeyDirAuthenticator | None = None
         self._closed = False
-        self._io_before: set[int] | None = _zmq_io_threads()  # its I/O threads start with the first socket
+        self._io_before: set[int] | None = _threads()  # its I/O threads start with the first socket
 
     def _io_started(self) -> None:
         """The context's I/O threads (TCP, CURVE of every peer transfer) exist now: they run below the event
@@ -470,7 +470,9 @@ class PeerContext:
         if self._io_before is not None:
             from .codec import BACKGROUND_NICE
 
-            for tid in _zmq_io_threads() - self._io_before:
+            # every thread that appeared with the first socket is the context's (its I/O threads and reaper;
+            # by id: a thread names itself "ZMQbg/..." only once it runs)
+            for tid in _threads() - self._io_before:
                 try:
                     os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) +
                                                              BACKGROUND_NICE))
@@ -530,6 +532,14 @@ class PeerContext:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def _threads() -> set[int]:
+    """Native ids of this process's threads (Linux; empty elsewhere)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
 
 
 def _zmq_io_threads() -> set[int]:
