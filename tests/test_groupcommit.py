@@ -281,6 +281,14 @@ def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwr
                         await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix, step=11)
                 assert (segments() == before) == (step != 13)
             assert min(faults[10], faults[11], faults[12]) * 3 < faults[13], faults  # (a worker's heap may grow)
+            # spares of a job idle for long go (memory at rest), those of a busy one stay
+            spare = {nd.i: nd.gc.segment_bytes()["spare"] for nd in nodes}
+            assert all(spare.values())
+            for nd in nodes:
+                nd.gc.trim_spares(idle=3600)
+                assert nd.gc.segment_bytes()["spare"] == spare[nd.i]
+                nd.gc.trim_spares(idle=0)
+                assert nd.gc.segment_bytes()["spare"] == 0 and nd.gc.segment_bytes()["parity"] > 0
             # a finished job's spares go
             for nd in nodes:
                 for key in list(nd.gc.versions):

@@ -65,6 +65,7 @@ RING_BYTES = 64 << 20  # the encoder's staging ring, at most (at least 2 rows)
 # free ones per job and kind; a spare of another size (a layout change) is removed.
 SPARES = {"stage": 1, "parity": 2}
 SPARE_SLACK = 1 / 8  # a spare up to this much larger than needed is reused
+SPARE_IDLE_S = 60.0  # spares of a job that started no version for this long are removed (memory at rest)
 COPY_THREADS = 2  # threads that copy data and parity pieces into shm (pwrite/pread: no GIL held)
 
 
@@ -77,7 +78,7 @@ class _Version:
     manifests: dict[int, bytes] = field(default_factory=dict)  # node -> its ranks' manifests (opaque here)
     views: list[memoryview] | None = None
     staging: Segment | None = None
-    early: list[tuple[str, dict, bytes]] = field(default_factory=list)
+    early: list[tuple[str, dict, memoryview]] = field(default_factory=list)
     parity: Segment | None = None
     layout: dict[int, tuple[int, int]] = field(default_factory=dict)   # stripe -> (offset, padded len)
     parity_got: dict[int, int] = field(default_factory=dict)
@@ -137,6 +138,7 @@ class GroupCommit:
         self.segments_created: collections.Counter[str] = collections.Counter()
         self.segments_reused: collections.Counter[str] = collections.Counter()
         self.spares_dropped: set[str] = set()   # jobs whose spares were dropped: late segments are removed
+        self.spares_used: dict[str, float] = {}  # job -> when it last took a segment
         # bulk copies run here, never on the event loop (which answers the trainers' begin and commit)
         self.copier = concurrent.futures.ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="sk-copy",
                                                             initializer=lower_thread_priority)
@@ -395,7 +397,7 @@ class GroupCommit:
             return None
         v = self._v(*_key(meta))
         if not self._ready(v):
-            v.early.append((kind, meta, bytes(payload)))  # sizes or segments not known yet
+            v.early.append((kind, meta, payload))  # sizes or segments not known yet (the view keeps the frame)
             return None
         return self._store(v, kind, meta, payload)
 
@@ -453,6 +455,7 @@ class GroupCommit:
         released version when one fits (already mapped here and in the codec workers), else a new one."""
         size = max(size, 4096)
         self.spares_dropped.discard(job)
+        self.spares_used[job] = time.monotonic()
         free = self.spares.get((job, kind), [])
         for i, seg in enumerate(free):
             if size <= seg.size <= size + int(size * SPARE_SLACK):
@@ -491,6 +494,15 @@ class GroupCommit:
             self.spares_dropped.add(key[0])
         if job is not None:  # segments of its versions still being encoded or recorded follow them
             self.spares_dropped.add(job)
+
+    def trim_spares(self, idle: float = SPARE_IDLE_S) -> None:
+        """Remove the spares of jobs that took no segment for ``idle`` seconds: a job that snapshots to
+        group level that rarely pays a new segment per version, and memory at rest is only what it holds."""
+        now = time.monotonic()
+        for job in {key[0] for key in self.spares}:
+            if now - self.spares_used.get(job, 0.0) > idle:
+                self.drop_spares(job)
+                self.spares_dropped.discard(job)  # not finished: the next version's segments are kept again
 
     def segment_bytes(self) -> dict[str, int]:
         """/dev/shm bytes of the group commit: parity held by versions, staging rings, spares."""

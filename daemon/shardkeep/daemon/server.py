@@ -257,6 +257,8 @@ class Daemon:
         while True:
             await asyncio.sleep(2.0)
             now = time.monotonic()
+            if self.group is not None and self.group.gc is not None:
+                self.group.gc.trim_spares()
             for job in list(self.jobs.values()):
                 for s in job.all_slots():
                     for token, expiry in list(s.pins.items()):
