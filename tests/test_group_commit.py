@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,53 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
             assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-stage-*"))) == 1
             assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))) == 2
             assert seg["created"] == {"stage": 1, "parity": 2} and seg["staging"] == 0, seg
+    finally:
+        for s in snaps:
+            s.close()
+
+
+def test_no_free_slot_is_predicted_so_the_trainer_never_waits_for_the_answer(make_daemon, job_id):
+    """While a version's group commit hangs (node 2 never acks it), every slot is taken: the daemon answers
+    "skip".  After the first such answer a rank skips at once (its hooks and the next snapshot() wait for
+    nothing) until the group commit resolves; the daemon still hears of every step, and once the version is
+    aborted at the group-commit timeout the next snapshots commit at group level again."""
+    n = 3
+    ports = free_ports(n)
+    faults = {"SHARDKEEP_TEST_FAULTS_ENABLE": "1", "SHARDKEEP_FAULTS": "ack:drop:2"}
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), "--parity", "1", "--insecure",
+                       "--peer-timeout", "3", "--group-commit-timeout", "4"], env=faults if i == 2 else None)
+          for i in range(n)]
+    wait_until(lambda: all_up(ds), what="group up")
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=n, local_world_size=1)
+             for i, d in enumerate(ds)]
+    states = [{"w": torch.full((100_000,), float(i))} for i in range(n)]
+    try:
+        first = [s.snapshot(st, 0) for s, st in zip(snaps, states)]
+        assert [f.result(timeout=60).level for f in first] == ["group"] * n
+        hung = [s.snapshot(st, 1) for s, st in zip(snaps, states)]  # node 2 drops its ack of this version
+        for s in snaps:
+            s.wait(30)  # copied; the futures resolve once the group commit does (here: its timeout)
+        assert not any(f.done() for f in hung)
+        predicted_done_at_once = 0
+        later: list = []
+        for step in range(2, 400):
+            futs = []
+            for s, st in zip(snaps, states):
+                before = s.stats.predicted_skips
+                futs.append(s.snapshot(st, step))
+                if s.stats.predicted_skips > before:
+                    assert s._pending.done.is_set() and s._pending.early.is_set()  # nothing to wait for
+                    predicted_done_at_once += 1
+            results = [f.result(timeout=60) for f in futs]
+            if all(f.done() for f in hung) and all(r.level == "group" for r in results):
+                later = results
+                break
+            time.sleep(0.05)
+        assert predicted_done_at_once > 0, [s.stats for s in snaps]
+        assert [f.result().level for f in hung] == ["local"] * n  # aborted at the group-commit timeout
+        assert later, "no version reached group level after the hung one was aborted"
+        for d in ds:
+            assert d.job_status(job_id)["group_committed"][0] == later[0].step
     finally:
         for s in snaps:
             s.close()

@@ -38,6 +38,7 @@ from .shm import Mapping, SlotMaps
 
 #: the longest a future waits for its group level (the daemon's own bound is usually shorter)
 GROUP_WAIT_S = 3 * DEFAULT_TIMEOUTS.group_commit
+NO_SLOT_RECHECK_S = 1.0  # a predicted "no free slot" is asked again after this long
 
 log = logging.getLogger("shardkeep.client")
 
@@ -81,6 +82,7 @@ class Stats:
     # copied, hashed, committed; for profiling (benchmarks print them)
     last_phases: dict = field(default_factory=dict)
     registrations: int = 0
+    predicted_skips: int = 0        # skipped at once: no slot can be free before a group commit resolves
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -212,6 +214,9 @@ class Snapshotter:
         self._daemon_ok = True  # False after a failed request: hooks then never wait for one
         self._registering = False  # slots for a new layout are being made: hooks never wait for that
         self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._group_inflight = 0                 # versions whose group commit this client waits for
+        self._inflight_lock = threading.Lock()
+        self._no_slot_at: float | None = None    # when the daemon last had no free slot for this rank
         self._wait_chan: Channel | None = None
         self._worker = threading.Thread(target=self._run, name=f"shardkeep-copy-{self.rank}", daemon=True)
         self._worker.start()
@@ -240,6 +245,14 @@ class Snapshotter:
         if not any(not late and not priv for late, priv in zip(flat.late, flat.private)):
             p.early.set()  # no buffers to protect: forward never waits
         gpus = {t.device for t in flat.tensors if t.is_cuda}
+        if self._no_slot_expected():
+            # the daemon had no free slot and nothing has freed one since: skip at once rather than hold
+            # training for its answer (the background thread still tells the daemon, which drops the step
+            # on every rank, and gives a slot back if one was free after all)
+            p.cancelled = True
+            for ev in (p.started, p.early, p.released, p.done):
+                ev.set()
+            self.stats.predicted_skips += 1
         if len(gpus) == 1:  # state on several GPUs of one process is copied synchronously instead
             p.cuda_device = gpus.pop()
             p.cuda_event = torch.cuda.Event()
@@ -454,6 +467,8 @@ class Snapshotter:
                 self.stats.skipped += 1
             self.stats.last_commit_s = time.perf_counter() - p.t0
             if p.group and self.durability == "group":
+                with self._inflight_lock:
+                    self._group_inflight += 1
                 self._group_waiter().submit(self._await_group, p, result)
             else:
                 p.future.set_result(result)
@@ -475,7 +490,22 @@ class Snapshotter:
             reason = str(r.fields.get("reason", ""))
         except ShardkeepError as exc:
             level, reason = "local", f"group level unknown: {exc}"
+        finally:
+            with self._inflight_lock:
+                self._group_inflight -= 1
+            self._no_slot_at = None  # a version was decided: the daemon may free a slot now
         p.future.set_result(SnapshotResult(p.step, "committed", level, reason))
+
+    def _no_slot_expected(self) -> bool:
+        """The daemon said "no free slot" while a group commit was in flight, and none resolved since.
+
+        With two slots one holds the group-level version and one the version being
+        group-committed; until that resolves every begin is answered "skip".  Asked
+        again at least every ``NO_SLOT_RECHECK_S`` all the same.
+        """
+        t = self._no_slot_at
+        return (t is not None and self._group_inflight > 0
+                and time.monotonic() - t < NO_SLOT_RECHECK_S)
 
     def _request(self, mtype: str, fields: dict, payload: list | None = None) -> wire.Message:
         reply = self._chan.request(mtype, fields, payload)
@@ -539,7 +569,11 @@ class Snapshotter:
                 self._reg = None
                 continue
             if "skip" in r.fields:
-                return reg, None, str(r.fields["skip"])
+                why = str(r.fields["skip"])
+                if why.startswith("no free slot"):
+                    self._no_slot_at = time.monotonic()
+                return reg, None, why
+            self._no_slot_at = None
             return reg, int(r.fields["slot"]), ""
         raise AssertionError("unreachable")
 
