@@ -1914,8 +1914,8 @@ def render(R: dict) -> str:
                 f"{C['wall_s']:.1f} s wall: trainers {C['trainers_s']:.1f} s, daemons' main processes "
                 f"{C['daemons_main_s']:.1f} s, codec workers {C['codec_workers_s']:.1f} s (CPU-s, all nodes)")
             row("codec workers' minor page faults per version and node", f"{C['workers_minflt_per_version_node'] or 0:,.0f}",
-                "the staging ring and parity segments are new files every version: each worker maps and "
-                "faults them in afresh (4-64 KiB per fault)")
+                "staging ring and parity segments are reused across versions and stay mapped; faults "
+                "left: first versions of a layout and the workers' own heaps")
             row("daemon CPU per group-committed version", fmt_s(C["daemon_main_per_version_s"]),
                 f"main processes of all {n} nodes (transfer, BLAKE3 tags, staging copies, event loop) + "
                 f"{fmt_s(C['codec_workers_per_version_s'])} in codec workers")

@@ -660,7 +660,7 @@ class GroupCommit:
         """Copy a received piece into a segment in a thread (pwrite: the GIL is released), then count it."""
         v.busy += 1  # the segment must not be reused or unmapped under the copy
         try:
-            await asyncio.get_running_loop().run_in_executor(self.copier, _pwrite, seg.fd, payload, at)
+            await asyncio.get_running_loop().run_in_executor(self.copier, pwrite_all, seg.fd, payload, at)
         finally:
             v.busy -= 1
         if v.released:
@@ -908,7 +908,7 @@ def _write_file(name: str, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def _pwrite(fd: int, data: Any, at: int) -> None:
+def pwrite_all(fd: int, data: Any, at: int) -> None:
     """Write ``data`` at offset ``at`` of a shm file (the kernel copies; the GIL is released)."""
     mv = memoryview(data).cast("B")
     while mv:

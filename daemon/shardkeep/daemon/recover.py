@@ -26,7 +26,7 @@ from shardkeep.proto.manifest import Manifest
 from shardkeep.proto.faults import Phase
 
 from .arena import Segment, create_segment, create_slot, verify_slot
-from .groupcommit import _pwrite
+from .groupcommit import pwrite_all
 from .jobs import JobState
 from .stripes import chunk_bounds
 
@@ -120,7 +120,7 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
             data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
             if data.nbytes != n:
                 raise IntegrityError(f"node {j} sent {data.nbytes} bytes for {n}")
-            await loop.run_in_executor(group.gc.copier, _pwrite, dst.fd, data, at + off)
+            await loop.run_in_executor(group.gc.copier, pwrite_all, dst.fd, data, at + off)
             if progress is not None:
                 progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
 
@@ -272,7 +272,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                     if idx >= k:
                         q = idx - k
                         base = ext[0][1]
-                        await loop.run_in_executor(gc.copier, _pwrite, parity.fd,
+                        await loop.run_in_executor(gc.copier, pwrite_all, parity.fd,
                                                    memoryview(st.mm)[k * Ls + q * ps : k * Ls + (q + 1) * ps], base)
                 headers[s] = hdr
                 return
