@@ -81,6 +81,15 @@ def test_snapshots_reach_group_level_and_fall_back_to_local_when_a_node_is_gone(
             assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-stage-*"))) == 1
             assert len(sorted(Path("/dev/shm").glob(f"{d.prefix}-g-parity-*"))) == 2
             assert seg["created"] == {"stage": 1, "parity": 2} and seg["staging"] == 0, seg
+        # degraded: no group commit is even tried, so a snapshot is at local level at once, and the next one
+        # finds a slot (the newest local version's) instead of waiting out a group commit
+        for step in (5, 6):
+            futs = [snap.snapshot(st, step) for snap, st in zip(snaps[:2], states[:2])]
+            results = [f.result(timeout=60) for f in futs]
+            assert [(r.status, r.level) for r in results] == [("committed", "local")] * 2, results
+            assert all("degraded" in r.reason and "2" in r.reason for r in results), results
+        assert ds[0].job_status(job_id)["restorable"][0] == 6
+        assert ds[0].job_status(job_id)["group_committed"][0] == 3
     finally:
         for s in snaps:
             s.close()

@@ -210,3 +210,28 @@ def test_error_replies_rebuild_the_tree():
     assert ei.value.details["needed"] == 3
     assert issubclass(errors.ShardkeepTimeoutError, TimeoutError)
     assert isinstance(errors.from_wire("Bogus", 3), errors.ShardkeepError)
+
+
+def test_an_awaited_fault_delay_suspends_the_task_not_the_event_loop():
+    import asyncio
+
+    from shardkeep.proto.faults import FaultPlan, Phase
+
+    plan = FaultPlan.from_env({"SHARDKEEP_TEST_FAULTS_ENABLE": "1", "SHARDKEEP_FAULTS": "chunk-send:delay:2:0.3"})
+    ticks = []
+
+    async def ticker():
+        for _ in range(200):
+            ticks.append(1)
+            await asyncio.sleep(0.01)
+
+    async def main():
+        t = asyncio.ensure_future(ticker())
+        assert await plan.ahit(Phase.CHUNK_SEND) is None  # the first arrival: no rule fires
+        n0 = len(ticks)
+        await plan.ahit(Phase.CHUNK_SEND)  # the second: 0.3 s, while the loop goes on ticking
+        during = len(ticks) - n0
+        t.cancel()
+        return during
+
+    assert asyncio.run(main()) >= 5

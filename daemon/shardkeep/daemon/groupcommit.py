@@ -551,7 +551,7 @@ class GroupCommit:
         a, b = self._chunk(v, self.node, s)
         if not (0 <= off and 0 < n and off + n <= b - a):
             raise ProtocolError(f"pull of bytes {off}+{n} of a {b - a}-byte chunk")
-        self.faults.hit(Phase.CHUNK_SEND)
+        await self.faults.ahit(Phase.CHUNK_SEND)
         index = self.p.data_index(s, self.node)
         for start in range(a + off, a + off + n, PIECE):
             for piece_off, mv in _slices(v.views, start, min(start + PIECE, a + off + n)):
@@ -577,7 +577,7 @@ class GroupCommit:
         out = [[(par.name, base + q * v.row, prow)]] + [[(st.name, self._ring(v, q, k + j - 1), prow)]
                                                       for j in range(1, m)]
         if q == 0:
-            self.faults.hit(Phase.ENCODE)
+            await self.faults.ahit(Phase.ENCODE)
         t0 = time.monotonic()
         v.t_encode0 = v.t_encode0 or t0
         v.busy += 1

@@ -106,6 +106,15 @@ class JobState:
             return self.group_recorded[-1]
         return self.recorded[-1] if self.recorded else None
 
+    def _trimmed(self, steps: list[int]) -> list[int]:
+        """The newest 16 recorded steps, and the protected group-level one however old (while degraded,
+        local versions go on and would push it out of the record though its slot still holds it)."""
+        tail = steps[-16:]
+        keep = self.group_recorded[-1] if self.group_recorded else None
+        if keep is not None and keep in steps and keep not in tail:
+            tail = [keep] + tail
+        return tail
+
     def newest_held(self, rank: int) -> int:
         steps = list(self.recorded)
         rs = self.ranks.get(rank)
@@ -188,7 +197,7 @@ class JobState:
         if all(r in self.ranks and step in self.ranks[r].committed() for r in self.local_ranks()):
             if not self.recorded or step > self.recorded[-1]:
                 self.recorded.append(step)
-                self.recorded = self.recorded[-16:]
+                self.recorded = self._trimmed(self.recorded)
             return True
         return False
 

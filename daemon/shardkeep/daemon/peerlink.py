@@ -118,6 +118,9 @@ _ZMQ_HEARTBEAT_IVL_MS = 1000
 _ZMQ_HEARTBEAT_TIMEOUT_MS = 5000
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 2000
+# a TCP connect not done within this is abandoned and tried afresh: the kernel's SYN retransmissions back
+# off (1, 2, 4, 8 ... s), so after a partition heals a pending connect could otherwise wait many seconds
+_CONNECT_TIMEOUT_MS = 1000
 
 # --- field validators (shared with shardkeep.proto.wire) ------------------------------
 
@@ -514,6 +517,7 @@ class PeerContext:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
+        s.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
         s.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
         return s

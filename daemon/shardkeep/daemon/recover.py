@@ -245,7 +245,7 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
     async def rebuild_stripe(s: int, want: dict[int, list]) -> None:
         """Fragments ``want`` of stripe s from k fragments the survivors hold (data first, then parity)."""
         Ls, ps = L(s), pad(s)
-        daemon.faults.hit(Phase.REBUILD)
+        await daemon.faults.ahit(Phase.REBUILD)
         st = await loop.run_in_executor(daemon._pool, create_segment,
                                         f"{daemon.cfg.shm_prefix}-g-rebuild-{tag}-{s}", k * Ls + m * ps)
         try:

@@ -372,7 +372,7 @@ class Daemon:
             raise ProtocolError(f"rank {rank} is not below world_size {f['world_size']}")
         lock = self._job_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            self.faults.hit(Phase.REGISTER)
+            await self.faults.ahit(Phase.REGISTER)
             job = self.jobs.get(name)
             if job is None:
                 job = self.jobs[name] = JobState(name, f["world_size"], f["local_world_size"])
@@ -492,7 +492,20 @@ class Daemon:
                 for s in slots]
 
     def _group_commit(self, job: JobState, step: int) -> None:
-        """Erasure-code this node's part of (job, step) across the group, in the background."""
+        """Erasure-code this node's part of (job, step) across the group, in the background.
+
+        Degraded (a peer down): not even tried.  Every node's part is needed, so the
+        version could only time out, pinning its slots meanwhile and making the
+        next snapshots skip (DESIGN: degraded mode goes on at local level).
+        """
+        loop = asyncio.get_running_loop()
+        if self.group.degraded:
+            down = sorted(j for j in self.group.membership.peers if not self.group.peer_up(j))
+            why = f"the group is degraded (node(s) {', '.join(map(str, down))} down): local level only"
+            waiter = self._group_waiters[(job.job, step)] = loop.create_future()
+            waiter.set_result(("local", why))
+            loop.call_later(60, self._forget_waiter, (job.job, step), waiter)
+            return
         slots = [job.find(r, step) for r in job.local_ranks()]
         views = self._payload(job.job, step)
         manifests = msgpack.packb({

@@ -9,6 +9,7 @@ start (production never sets it).  ``SHARDKEEP_FAULTS`` then holds rules
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import signal
@@ -73,27 +74,46 @@ class FaultPlan:
             )
         return cls(rules)
 
-    def hit(self, phase: Phase) -> str | None:
-        """Count one arrival at ``phase``; act if a rule matches. Returns 'drop' to drop."""
+    def _due(self, phase: Phase) -> list[Rule]:
+        """Count one arrival at ``phase``; the rules that fire on it."""
         if not self.rules:
-            return None
+            return []
         with self._lock:
             n = self._counts.get(phase, 0) + 1
             self._counts[phase] = n
-        for r in self.rules:
-            if r.phase is phase and r.occurrence == n:
-                if r.action == "crash":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                    time.sleep(60)
-                elif r.action == "hang":
-                    time.sleep(r.arg or 3600)
-                elif r.action == "delay":
-                    time.sleep(r.arg)
-                elif r.action == "raise":
-                    raise FaultInjected(f"fault injected at {phase.value} #{n}")
-                elif r.action == "drop":
-                    return "drop"
+        return [r for r in self.rules if r.phase is phase and r.occurrence == n]
+
+    def hit(self, phase: Phase) -> str | None:
+        """Count one arrival at ``phase``; act if a rule matches. Returns 'drop' to drop.
+
+        ``delay`` and ``hang`` sleep the calling thread: on an event loop use :meth:`ahit`."""
+        for r in self._due(phase):
+            if r.action in ("delay", "hang"):
+                time.sleep(r.arg or 3600 if r.action == "hang" else r.arg)
+            elif (out := _act(r, phase)) is not None:
+                return out
         return None
+
+    async def ahit(self, phase: Phase) -> str | None:
+        """:meth:`hit` for code on an event loop: ``delay`` and ``hang`` suspend the task, not the loop,
+        so the daemon stays responsive (heartbeats, its trainers) and looks like a slow peer, not a frozen one."""
+        for r in self._due(phase):
+            if r.action in ("delay", "hang"):
+                await asyncio.sleep(r.arg or 3600 if r.action == "hang" else r.arg)
+            elif (out := _act(r, phase)) is not None:
+                return out
+        return None
+
+
+def _act(r: Rule, phase: Phase) -> str | None:
+    if r.action == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+    elif r.action == "raise":
+        raise FaultInjected(f"fault injected at {phase.value} #{r.occurrence}")
+    elif r.action == "drop":
+        return "drop"
+    return None
 
 
 _PLAN: FaultPlan | None = None
