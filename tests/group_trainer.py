@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -88,4 +89,12 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    except BaseException:  # noqa: BLE001 - reported, then the same exit as an uncaught error
+        traceback.print_exc()
+        sys.stderr.flush()
+        # not through the interpreter's teardown: with a gloo group alive it can abort the process
+        # ("terminate called without an active exception") and the exit status would say SIGABRT
+        os._exit(1)
+    sys.exit(rc)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -241,4 +242,12 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    except BaseException:  # noqa: BLE001 - reported, then the exit status of an uncaught error
+        traceback.print_exc()
+        sys.stderr.flush()
+        # past the interpreter's teardown: with a gloo group alive it can abort the process
+        # ("terminate called without an active exception"), and the exit status would say SIGABRT
+        os._exit(1)
+    sys.exit(rc)
