@@ -2018,17 +2018,7 @@ def render(R: dict) -> str:
     row("", "", "")
     row("run time", fmt_s(R.get("run_s")), f"leftover /dev/shm segments: {len(R.get('leftover_shm') or [])}")
 
-    w0 = max(len(a) for a, _, _ in rows if not a.startswith("== "))
-    w1 = max(len(b) for a, b, _ in rows if not a.startswith("== "))
-    lines = []
-    for a, b, c in rows:
-        if a.startswith("== "):
-            lines.append(a)
-        elif a or b or c:
-            lines.append(f"  {a:<{w0}}  {b:>{w1}}  {c}".rstrip())
-        else:
-            lines.append("")
-    return "\n".join(lines).strip("\n")
+    return bsn.layout_rows(rows)
 
 
 def record(R: dict, text: str, out_path: Path, out_dir: Path, prog: str) -> None:

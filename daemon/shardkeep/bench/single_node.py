@@ -754,6 +754,11 @@ def render(R: dict) -> str:
         sec("FAILED")
         row("error", "", (R.get("error") or "").strip().splitlines()[-1] if R.get("error") else "")
 
+    return layout_rows(rows)
+
+
+def layout_rows(rows: list[tuple[str, str, str]]) -> str:
+    """The printed table: "== " section titles, then (name, value, note) rows in aligned columns."""
     w0 = max(len(a) for a, _, _ in rows if not a.startswith("== "))
     w1 = max(len(b) for a, b, _ in rows if not a.startswith("== "))
     lines = []
