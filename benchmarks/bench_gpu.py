@@ -19,7 +19,6 @@ Needs a CUDA device; exits 0 with a message where there is none.  Writes a JSON
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ import torch
 warnings.filterwarnings("ignore", module="torch.distributed.checkpoint")
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 perf = time.perf_counter
-SHM = Path("/dev/shm")
 DEV = "cuda"
 
 
@@ -48,29 +46,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def shardkeep_cmd(*args: str) -> list[str]:
-    exe = Path(sys.executable).parent / "shardkeep"
-    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "shardkeep.daemon.cli", *args]
-
-
-def start_daemon(root: Path) -> tuple[subprocess.Popen, str, str]:
-    from shardkeep.proto.errors import ShardkeepError
-    from shardkeep.proto.transport import Channel
-
-    prefix, sock = f"skgpu{secrets.token_hex(4)}", str(root / "run" / "sk.sock")
-    (root / "run").mkdir(mode=0o700, parents=True)
-    log = open(root / "daemon.log", "ab")
-    proc = subprocess.Popen(shardkeep_cmd("daemon", "--socket", sock, "--shm-prefix", prefix,
-                                          "--state-dir", str(root / "state")),
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError((root / "daemon.log").read_text()[-3000:])
-        with contextlib.suppress(ShardkeepError):
-            Channel(sock, timeout=1.0).request("ping")
-            return proc, sock, prefix
-        time.sleep(0.05)
-    raise RuntimeError("daemon did not answer in 30 s")
 
 
 def summ(xs: list[float]) -> dict:
@@ -192,6 +167,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    from shardkeep.bench.single_node import Daemon
     from shardkeep.client import Snapshotter
 
     R: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -207,9 +183,9 @@ def main(argv=None) -> int:
     t_copy = R["copy_pinned"]["s"]
     a = torch.randn(2048 if DEV == "cuda" else 256, 2048 if DEV == "cuda" else 256, device=DEV)
     root = Path(tempfile.mkdtemp(prefix="skgpu", dir=args.tmp_dir))
-    proc, sock, prefix = start_daemon(root)
+    daemon = Daemon(root).start()  # its own socket and shm prefix; stop() removes its segments
     try:
-        with Snapshotter(socket=sock, job=f"gpu-{secrets.token_hex(3)}", rank=0, world_size=1,
+        with Snapshotter(socket=daemon.socket, job=f"gpu-{secrets.token_hex(3)}", rank=0, world_size=1,
                          hash_threads=args.hash_threads) as snap:
             t0 = perf()
             first = snap.snapshot({"model": model, "opt": opt}, 1).result(timeout=600)
@@ -247,19 +223,13 @@ def main(argv=None) -> int:
         R["torch_save_fsync_s"] = perf() - t0
         sync()
         t0 = perf()
-        sd = torch.load(path, map_location=DEV)
+        sd = torch.load(path, map_location=DEV, weights_only=True)  # the file this run wrote
         model.load_state_dict(sd["model"])
         opt.load_state_dict(sd["opt"])
         sync()
         R["torch_load_cached_s"] = perf() - t0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if proc.poll() is None:
-            proc.kill()
-        for p in SHM.glob(f"{prefix}*"):
-            p.unlink(missing_ok=True)
+        daemon.stop()
         subprocess.run(["rm", "-rf", str(root)], check=False)
     out = Path(args.out or Path(__file__).resolve().parent / "out" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -467,31 +467,13 @@ class Trainers:
 class GroupDaemon(bsn.Daemon):
     """One node's daemon: single_node.Daemon with a given prefix and the group's flags."""
 
+    new_session = True
+    start_timeout = 60.0
+
     def __init__(self, root: Path, prefix: str, node: int, extra: list[str]) -> None:
         super().__init__(root)
-        self.prefix, self.node, self.extra = prefix, node, extra
-
-    def start(self, timeout: float = 60.0) -> GroupDaemon:
-        from shardkeep.proto.errors import ShardkeepError
-        from shardkeep.proto.transport import Channel
-
-        (self.root / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            bsn.shardkeep_cmd("daemon", "--socket", self.socket, "--shm-prefix", self.prefix,
-                              "--state-dir", self.state_dir, "--log-level", "INFO", *self.extra),
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon {self.node} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                Channel(self.socket, timeout=1.0).request("ping")
-                return self
-            except ShardkeepError:
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon {self.node} did not answer within {timeout}s:\n{self.log_tail()}")
+        self.prefix, self.node, self.extra = prefix, node, tuple(extra)
+        self.what = f"daemon {node}"
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -46,6 +46,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from shardkeep.bench.fmt import fmt_gbps, fmt_s, fmt_x, layout_rows  # noqa: E402,F401
+
 _T_TORCH = _time.monotonic()
 
 perf = _time.perf_counter
@@ -237,6 +239,11 @@ def shardkeep_cmd(*args: str) -> list[str]:
 
 
 class Daemon:
+    extra: tuple[str, ...] = ()   # more daemon flags (a group node's)
+    new_session = False           # its own process session (a group node: signals to the bench are not its)
+    start_timeout = 30.0
+    what = "daemon"
+
     def __init__(self, root: Path) -> None:
         self.prefix = f"skbench{secrets.token_hex(4)}"
         self.root = root
@@ -246,7 +253,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self._log = None
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float | None = None) -> "Daemon":
         from shardkeep.proto.errors import ShardkeepError
         from shardkeep.proto.transport import Channel
 
@@ -254,19 +261,20 @@ class Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             shardkeep_cmd("daemon", "--socket", self.socket, "--shm-prefix", self.prefix,
-                          "--state-dir", self.state_dir, "--log-level", "INFO"),
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          "--state-dir", self.state_dir, "--log-level", "INFO", *self.extra),
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=self.new_session,
         )
+        timeout = self.start_timeout if timeout is None else timeout
         deadline = _time.monotonic() + timeout
         while _time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 Channel(self.socket, timeout=1.0).request("ping")
                 return self
             except ShardkeepError:
                 _time.sleep(0.05)
-        raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.what} did not answer within {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -572,24 +580,6 @@ def run_child(kind: str, spec: dict, timeout: float) -> dict:
 # --- report -----------------------------------------------------------------------------------------
 
 
-def fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    if x < 1e-3:
-        return f"{x * 1e6:.0f} us"
-    if x < 1:
-        return f"{x * 1e3:.1f} ms"
-    return f"{x:.2f} s"
-
-
-def fmt_x(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
-
-
-def fmt_gbps(x) -> str:
-    return "-" if x is None else f"{x:.2f} GB/s"
-
-
 def render(R: dict) -> str:
     rows: list[tuple[str, str, str]] = []
 
@@ -755,21 +745,6 @@ def render(R: dict) -> str:
         row("error", "", (R.get("error") or "").strip().splitlines()[-1] if R.get("error") else "")
 
     return layout_rows(rows)
-
-
-def layout_rows(rows: list[tuple[str, str, str]]) -> str:
-    """The printed table: "== " section titles, then (name, value, note) rows in aligned columns."""
-    w0 = max(len(a) for a, _, _ in rows if not a.startswith("== "))
-    w1 = max(len(b) for a, b, _ in rows if not a.startswith("== "))
-    lines = []
-    for a, b, c in rows:
-        if a.startswith("== "):
-            lines.append(a)
-        elif a or b or c:
-            lines.append(f"  {a:<{w0}}  {b:>{w1}}  {c}".rstrip())
-        else:
-            lines.append("")
-    return "\n".join(lines).strip("\n")
 
 
 # --- the run ----------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from shardkeep.bench.fmt import fmt_gbps
+
 GB = 1e9
 SHM = Path("/dev/shm")
 DEFAULT_SIZES = "0.1,0.5,1.6"
@@ -424,10 +426,6 @@ def fx(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}x"
 
 
-def fgb(x) -> str:
-    return "-" if x is None else f"{x:.2f} GB/s"
-
-
 def case_cell(r: dict) -> str:
     if r["kind"] == "group":
         return f"group {r['nodes']}x{r['size_gb']:g} GB (m={r['parity']})"
@@ -454,7 +452,7 @@ def tables(rows: list[dict]) -> str:
         fail = "" if r["ok"] else f" (failed: {r.get('error') or '?'})"
         rb = "-"
         if r.get("rebuild_s") is not None:
-            rb = f"{fs(r['rebuild_s'])} ({fgb(r.get('rebuild_gbps'))})"
+            rb = f"{fs(r['rebuild_s'])} ({fmt_gbps(r.get('rebuild_gbps'))})"
             if r.get("rebuild_verified") is False:
                 rb += " NOT bitwise equal"
         shm = "-"
@@ -469,7 +467,7 @@ def tables(rows: list[dict]) -> str:
             f"| {c}{fail} | {r['state_bytes'] / GB:.3f} GB | **{fs(r.get('blocked_median_s'))}** / "
             f"{fs(r.get('blocked_p99_s'))} | {fx(r.get('overhead_short_x_copy'))} | {fx(r.get('overhead_long_ratio'))}"
             f" | {dcp_loop} | {fs(r.get('local_commit_s'))} | {fs(r.get('group_commit_s'))} | "
-            f"{fs(r.get('restore_s'))} ({fgb(r.get('restore_gbps'))}) | {rb} | {shm} | {skipped} |")
+            f"{fs(r.get('restore_s'))} ({fmt_gbps(r.get('restore_gbps'))}) | {rb} | {shm} | {skipped} |")
         t2.append(
             f"| {c} | {fs(r.get('torch_save_s'))} | {fs(r.get('torch_load_evicted_s'))} / "
             f"{fs(r.get('torch_load_cached_s'))} | {fs(r.get('dcp_save_s'))} | {fs(r.get('dcp_async_call_s'))} / "

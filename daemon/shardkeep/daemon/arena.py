@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from shardkeep.proto.errors import CapacityError, IntegrityError, PermissionDeniedError
 from shardkeep.proto.manifest import Manifest, checksum
@@ -281,3 +282,19 @@ def create_segment(name: str, size: int, what: str | None = None) -> Segment:
         os.unlink(path)
         raise
     return Segment(name, size, fd, mm)
+
+
+def pwrite_all(fd: int, data: Any, at: int) -> None:
+    """Write ``data`` at offset ``at`` of a shm file (the kernel copies; the GIL is released)."""
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv, at)
+        mv, at = mv[n:], at + n
+
+
+def pread_exact(fd: int, n: int, at: int) -> bytes:
+    """Read exactly ``n`` bytes at offset ``at`` of a shm file (the GIL is released)."""
+    out = os.pread(fd, n, at)
+    if len(out) != n:
+        raise OSError(f"short read from shm: {len(out)} of {n} bytes at {at}")
+    return out

@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable
 from shardkeep.proto.errors import IntegrityError, ProtocolError, ShardkeepError, ShardkeepTimeoutError
 from shardkeep.proto.faults import Phase, plan as fault_plan
 
-from .arena import SHM_DIR, Segment, create_segment, open_segment
+from .arena import SHM_DIR, Segment, create_segment, open_segment, pread_exact, pwrite_all
 from .groupmeta import MAX_RECORD, ParityRecord
 from .codec import CodecPool, CodecSpec, lower_thread_priority, substripes
 from .stripes import Placement, chunk_bounds
@@ -596,7 +596,7 @@ class GroupCommit:
                 # a copy (in a thread): the ring row is reused before ZeroMQ has necessarily sent it
                 v.busy += 1
                 try:
-                    piece = await loop.run_in_executor(self.copier, _pread, st.fd, n, at + off)
+                    piece = await loop.run_in_executor(self.copier, pread_exact, st.fd, n, at + off)
                 finally:
                     v.busy -= 1
                 if v.released:
@@ -828,7 +828,7 @@ class GroupCommit:
             raise ProtocolError("parity fetch out of range")
         v.busy += 1  # the segment must not be reused under the read
         try:
-            data = await asyncio.get_running_loop().run_in_executor(self.copier, _pread, v.parity.fd, n, base + off)
+            data = await asyncio.get_running_loop().run_in_executor(self.copier, pread_exact, v.parity.fd, n, base + off)
         finally:
             v.busy -= 1
         if v.released:
@@ -908,19 +908,6 @@ def _write_file(name: str, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def pwrite_all(fd: int, data: Any, at: int) -> None:
-    """Write ``data`` at offset ``at`` of a shm file (the kernel copies; the GIL is released)."""
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.pwrite(fd, mv, at)
-        mv, at = mv[n:], at + n
-
-
-def _pread(fd: int, n: int, at: int) -> bytes:
-    out = os.pread(fd, n, at)
-    if len(out) != n:
-        raise OSError(f"short read from shm: {len(out)} of {n} bytes at {at}")
-    return out
 
 
 def _unlink(name: str) -> None:

@@ -25,8 +25,7 @@ from shardkeep.proto.manifest import Manifest
 
 from shardkeep.proto.faults import Phase
 
-from .arena import Segment, create_segment, create_slot, verify_slot
-from .groupcommit import pwrite_all
+from .arena import Segment, create_segment, create_slot, pwrite_all, verify_slot
 from .jobs import JobState
 from .stripes import chunk_bounds
 
@@ -103,7 +102,7 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
                  progress: dict | None = None) -> None:
     """Fill ``length`` bytes of ``dst`` from offset ``at``, fetched from the first source that answers.
 
-    ``WINDOW`` requests of ``FETCH`` bytes are in flight at a time; each reply goes
+    Up to ``WINDOW`` requests of ``FETCH`` bytes are in flight at a time; each reply goes
     from the received frame into the segment by ``pwrite`` in a copy thread (no
     page faults in this process, no GIL, off the event loop).
     """
@@ -111,11 +110,13 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
     last: Exception | None = None
     for j in sources:
         client = group.clients[j]
+        window = asyncio.Semaphore(WINDOW)
 
         async def piece(off: int) -> None:
             n = min(FETCH, length - off)
-            r = await client.request("fetch", {**fields, "offset": off, "length": n},
-                                     timeout=group.cfg.timeouts.rebuild_chunk)
+            async with window:
+                r = await client.request("fetch", {**fields, "offset": off, "length": n},
+                                         timeout=group.cfg.timeouts.rebuild_chunk)
             frame = r.payload[0]
             data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
             if data.nbytes != n:
@@ -125,9 +126,7 @@ async def _fetch(group: Any, sources: list[int], fields: dict, length: int, dst:
                 progress["bytes_fetched"] = progress.get("bytes_fetched", 0) + n
 
         try:
-            offsets = list(range(0, length, FETCH))
-            for w in range(0, len(offsets), WINDOW):
-                await _all([piece(off) for off in offsets[w : w + WINDOW]])
+            await _all([piece(off) for off in range(0, length, FETCH)])
             return
         except ShardkeepError as exc:
             last = exc

@@ -89,7 +89,7 @@ class FaultPlan:
         ``delay`` and ``hang`` sleep the calling thread: on an event loop use :meth:`ahit`."""
         for r in self._due(phase):
             if r.action in ("delay", "hang"):
-                time.sleep(r.arg or 3600 if r.action == "hang" else r.arg)
+                time.sleep(_pause_s(r))
             elif (out := _act(r, phase)) is not None:
                 return out
         return None
@@ -99,10 +99,15 @@ class FaultPlan:
         so the daemon stays responsive (heartbeats, its trainers) and looks like a slow peer, not a frozen one."""
         for r in self._due(phase):
             if r.action in ("delay", "hang"):
-                await asyncio.sleep(r.arg or 3600 if r.action == "hang" else r.arg)
+                await asyncio.sleep(_pause_s(r))
             elif (out := _act(r, phase)) is not None:
                 return out
         return None
+
+
+def _pause_s(r: Rule) -> float:
+    """Seconds a ``delay`` or ``hang`` rule pauses: its argument; a hang without one, an hour."""
+    return (r.arg or 3600.0) if r.action == "hang" else r.arg
 
 
 def _act(r: Rule, phase: Phase) -> str | None:
