@@ -82,6 +82,31 @@ def test_insecure_group_forms_and_notices_a_lost_peer(make_daemon):
     assert group_of(ds[2])["generation"] == 1
 
 
+def test_a_daemon_restarted_with_stale_peers_finds_a_replacement_that_moved(make_daemon):
+    # found by the random-fault soak: node 0 was replaced at a new address, then node 1's daemon restarted
+    # with its old --peers; it could not reach node 0, node 0 never greeted it again, and the group stayed
+    # split (every group commit aborted, skips piled up) until the next replacement
+    ports = free_ports(3)
+    ds = start_group(make_daemon, 3, ports, ["--insecure"])
+    wait_until(lambda: all_up(ds), what="every peer up")
+    ds[0].kill()
+    ds[0].wipe_shm()
+    moved = [free_ports(1)[0], *ports[1:]]
+    ds[0] = make_daemon(["--peers", peers_arg(moved), "--node", "0", "--parity", "1", "--peer-timeout", "3",
+                         "--insecure"])
+    wait_until(lambda: all_up(ds), what="replacement at a new address up")
+    ds[1].kill()
+    ds[1].start()  # as systemd restarts it: the command line still names node 0's old address
+
+    def in_touch() -> bool:
+        p0 = next(p for p in group_of(ds[1])["peers"] if p["node"] == 0)
+        return p0["greeted"] and p0["control"].endswith(f":{moved[0]}")
+
+    wait_until(in_touch, timeout=30, what="the restarted daemon greeted the moved node at its new address")
+    time.sleep(3.5)  # past the peer timeout: "up" below means heard since the restart, both ways
+    wait_until(lambda: all_up(ds), timeout=10, what="every peer up")
+
+
 def test_curve_group_refuses_an_unknown_key_and_accepts_a_replacement(make_daemon, keys, tmp_path):
     ports = free_ports(3)
 

@@ -235,15 +235,20 @@ class Group:
                 log.info("node %d: joined group %s as generation %d", self.node, self.membership.group, gen)
                 break
             await asyncio.sleep(period)
+        async def greet(j: int) -> None:
+            try:
+                await self._greet(j)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.hello_errors[j] = str(exc)
+
         while True:
-            for j in list(self.clients):
-                if j not in self.greeted:
-                    try:
-                        await self._greet(j)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        self.hello_errors[j] = str(exc)
+            # never greeted, or greeted but silent since: a peer that restarted may have lost our key and, if it
+            # was started with a stale --peers, our address (a replacement moved); our HELLO gives it both
+            todo = [j for j in list(self.clients) if j not in self.greeted or not self.peer_up(j)]
+            if todo:
+                await asyncio.gather(*(greet(j) for j in todo))  # a dead peer's timeout delays no other
             await asyncio.sleep(period)
 
     async def _heartbeat_loop(self) -> None:

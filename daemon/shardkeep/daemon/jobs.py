@@ -115,11 +115,12 @@ class JobState:
             tail = [keep] + tail
         return tail
 
-    def newest_held(self, rank: int) -> int:
+    def newest_held(self, rank: int | None = None) -> int:
+        """The newest step recorded for the job or committed by ``rank`` (None: by any rank); -1 if none."""
         steps = list(self.recorded)
-        rs = self.ranks.get(rank)
-        if rs is not None:
-            steps.extend(rs.committed())
+        for r, rs in self.ranks.items():
+            if rank is None or r == rank:
+                steps.extend(rs.committed())
         return max(steps, default=-1)
 
     def drop_versions(self, keep=lambda step: False) -> int:
@@ -175,7 +176,10 @@ class JobState:
         rs = self.check_session(rank, session)
         self.last_active = time.time()
         if step <= self.newest_held(rank):
-            self.start_history(f"rank {rank} snapshots step {step}, not above the newest held version")
+            # the job went back (a restart that restored step - 1 or older, or started over): the versions
+            # below the step are its past, those at or above it belong to the abandoned run
+            self.start_history(f"rank {rank} snapshots step {step}, not above the newest held version",
+                               keep=lambda v: v < step)
         if step in self.aborted:
             return None, f"step {step} was aborted: {self.aborted[step]}"
         slot = self.choose_slot(rs)

@@ -642,7 +642,7 @@ class Daemon:
     def h_resume(self, f, payload):
         job = self._job(f["job"])
         step = f["step"]
-        if any(s.state == STATE_COMMITTED and s.step > step for s in job.all_slots()):
+        if job.newest_held() > step:  # any rank's slots and the job's record alike
             job.start_history(f"rank {f['rank']} resumed from step {step}", keep=lambda v: v <= step)
         for s in [s for s in job.aborted if s > step]:  # the old run's skips: the steps run again now
             del job.aborted[s]
