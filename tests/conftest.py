@@ -132,6 +132,29 @@ def job_id() -> str:
 _PREFIXES: list[str] = []  # every shm prefix this session's daemons used
 
 
+SUMMARY: list[str] = []  # lines tests want in the terminal summary (counts of the soak and the matrix)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="fault matrix: every cell on both groups (4 nodes m=1, 5 nodes m=2) with larger states")
+    parser.addoption("--soak-seconds", type=float, default=150.0,
+                     help="how long the random-fault soak breaks things (default: 150)")
+    parser.addoption("--soak-seed", type=int, default=None, help="the random-fault soak's seed (default: random)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)  # fixtures can see whether the test itself passed
+
+
 def pytest_sessionfinish(session, exitstatus):
     # belt and braces: nothing this session's daemons created may outlive it (and nothing of
     # another session running side by side is touched)

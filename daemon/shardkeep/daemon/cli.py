@@ -150,8 +150,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+RECOVER_SILENCE_S = 10.0  # `recover` gives up on a daemon that answers no status request for this long
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
-    import concurrent.futures
+    import threading
+    import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -161,31 +165,41 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     sock = args.socket or default_socket()
     print("rebuilding this node's data and parity from the survivors ...", flush=True)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(Channel(sock, timeout=args.timeout).request, "recover")
-        with Progress(TextColumn("stripes"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("fetched {task.fields[fetched]}"), TimeElapsedColumn(),
-                      transient=not sys.stdout.isatty()) as progress:
-            task = progress.add_task("recover", total=None, fetched="0 B")
-            while True:
-                try:
-                    fut.result(timeout=0.5)
-                    break
-                except concurrent.futures.TimeoutError:
-                    pass
-                except ShardkeepError:
-                    break
-                try:
-                    st = Channel(sock, timeout=5).request("status").fields.get("recover") or {}
-                except ShardkeepError:
-                    continue
-                progress.update(task, total=st.get("stripes_total") or None, completed=st.get("stripes_done", 0),
-                                fetched=format_size(st.get("bytes_fetched", 0)))
+    done: dict = {}
+
+    def run() -> None:  # a daemon thread: a request to a daemon that died never holds up our exit
         try:
-            reply = fut.result()
-        except ShardkeepError as exc:
-            print(f"shardkeep recover: {exc}", file=sys.stderr)
-            return 1
+            done["reply"] = Channel(sock, timeout=args.timeout).request("recover")
+        except Exception as exc:  # noqa: BLE001 - reported below, as every other failure of recover
+            done["error"] = exc
+
+    worker = threading.Thread(target=run, name="recover", daemon=True)
+    worker.start()
+    with Progress(TextColumn("stripes"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("fetched {task.fields[fetched]}"), TimeElapsedColumn(),
+                  transient=not sys.stdout.isatty()) as progress:
+        task = progress.add_task("recover", total=None, fetched="0 B")
+        answered = time.monotonic()
+        while True:
+            worker.join(timeout=0.5)
+            if not worker.is_alive():
+                break
+            try:
+                st = Channel(sock, timeout=2).request("status").fields.get("recover") or {}
+                answered = time.monotonic()
+            except ShardkeepError:
+                if time.monotonic() - answered > RECOVER_SILENCE_S:
+                    # the rebuild's own request would wait for --timeout: a dead daemon never answers it
+                    done["error"] = f"the daemon at {sock} has not answered for {RECOVER_SILENCE_S:g} s (stopped " \
+                                    "or crashed?); restart it and run `shardkeep recover` again"
+                    break
+                continue
+            progress.update(task, total=st.get("stripes_total") or None, completed=st.get("stripes_done", 0),
+                            fetched=format_size(st.get("bytes_fetched", 0)))
+    if "error" in done:
+        print(f"shardkeep recover: {done['error']}", file=sys.stderr)
+        return 1
+    reply = done["reply"]
     for v in reply.fields.get("versions", []):
         print(f"job {v['job']} step {v['step']}: ranks {v['ranks']}, {v['bytes']} bytes rebuilt and verified, "
               f"parity of stripes {v['parity_stripes']} re-encoded")

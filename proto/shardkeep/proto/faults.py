@@ -5,12 +5,18 @@ start (production never sets it).  ``SHARDKEEP_FAULTS`` then holds rules
 ``phase:action[:occurrence[:arg]]`` separated by commas, e.g. ``copy:crash:3``
 (SIGKILL of this process the 3rd time it reaches the copy phase) or
 ``local-commit:delay:1:2.5``.
+
+With ``SHARDKEEP_FAULTS_LOG=FILE`` every rule that fires first appends one JSON
+line to FILE (pid, phase, occurrence, action, time), so a test can act on
+another process at the exact moment this one reached the phase: a ``delay``
+holds the phase open while the test kills a trainer, a daemon or a node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import os
 import signal
 import threading
@@ -50,8 +56,9 @@ class Rule:
 
 
 class FaultPlan:
-    def __init__(self, rules: list[Rule]) -> None:
+    def __init__(self, rules: list[Rule], log: str | None = None) -> None:
         self.rules = rules
+        self.log = log
         self._counts: dict[Phase, int] = {}
         self._lock = threading.Lock()
 
@@ -72,7 +79,7 @@ class FaultPlan:
                 Rule(Phase(bits[0]), bits[1], int(bits[2]) if len(bits) > 2 else 1,
                      float(bits[3]) if len(bits) > 3 else 0.0)
             )
-        return cls(rules)
+        return cls(rules, env.get("SHARDKEEP_FAULTS_LOG") or None)
 
     def _due(self, phase: Phase) -> list[Rule]:
         """Count one arrival at ``phase``; the rules that fire on it."""
@@ -81,7 +88,21 @@ class FaultPlan:
         with self._lock:
             n = self._counts.get(phase, 0) + 1
             self._counts[phase] = n
-        return [r for r in self.rules if r.phase is phase and r.occurrence == n]
+        due = [r for r in self.rules if r.phase is phase and r.occurrence == n]
+        for r in due:
+            self._announce(r)
+        return due
+
+    def _announce(self, r: Rule) -> None:
+        if not self.log:
+            return
+        line = json.dumps({"pid": os.getpid(), "phase": r.phase.value, "occurrence": r.occurrence,
+                           "action": r.action, "arg": r.arg, "t": time.time()}) + "\n"
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())  # one write on O_APPEND: lines of several processes never interleave
+        finally:
+            os.close(fd)
 
     def hit(self, phase: Phase) -> str | None:
         """Count one arrival at ``phase``; act if a rule matches. Returns 'drop' to drop.
