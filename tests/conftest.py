@@ -137,7 +137,7 @@ SUMMARY: list[str] = []  # lines tests want in the terminal summary (counts of t
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False,
-                     help="fault matrix: every cell on both groups (4 nodes m=1, 5 nodes m=2) with larger states")
+                     help="fault matrix: every cell on both groups (4 nodes m=1, 5 nodes m=2) with 14x larger states")
     parser.addoption("--soak-seconds", type=float, default=150.0,
                      help="how long the random-fault soak breaks things (default: 150)")
     parser.addoption("--soak-seed", type=int, default=None, help="the random-fault soak's seed (default: random)")
