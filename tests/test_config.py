@@ -88,3 +88,18 @@ def test_a_group_configured_from_files(make_daemon, tmp_path):
     wait_until(lambda: all_up(ds), what="group from config files up")
     g = ds[2].status()["group"]
     assert g["node"] == 2 and g["n"] == 3 and g["parity"] == 1 and g["security"] == "insecure"
+
+
+def test_node_auto_is_the_peers_entry_of_the_advertised_host():
+    peers = ["tcp://10.0.0.1:7400", "tcp://10.0.0.2:7400", "tcp://10.0.0.3:7400"]
+    env = {"SHARDKEEP_NODE": "auto", "SHARDKEEP_ADVERTISE": "10.0.0.2", "SHARDKEEP_PEERS": ",".join(peers),
+           "SHARDKEEP_INSECURE": "1"}
+    cfg, source = load_config({}, env)
+    assert cfg.node == -1 and source["node"] == "env SHARDKEEP_NODE"
+    assert cfg.validate().node == 1
+    for advertise, needle in [("", "needs advertise"), ("10.0.0.9", "matches 0 of the peers")]:
+        cfg, _ = load_config({}, {**env, "SHARDKEEP_ADVERTISE": advertise})
+        with pytest.raises(ValueError, match=needle):
+            cfg.validate()
+    with pytest.raises(ValueError, match="SHARDKEEP_NODE"):
+        load_config({}, {**env, "SHARDKEEP_NODE": "-3"})

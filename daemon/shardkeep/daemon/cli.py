@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from shardkeep.proto.config import Timeouts, default_socket
@@ -22,7 +21,8 @@ def _size(text: str) -> int:
 #: daemon flag (argparse dest) -> config key; every flag defaults to None = not given
 _FLAG_KEYS = {
     "socket": "socket", "shm_prefix": "shm_prefix", "memory_limit": "memory_limit", "state_dir": "state_dir",
-    "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "peers": "peers", "node": "node",
+    "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "log_format": "log_format",
+    "metrics_port": "metrics_port", "metrics_host": "metrics_host", "peers": "peers", "node": "node",
     "parity": "parity", "data_port": "data_port", "advertise": "advertise", "curve_secret": "curve_secret",
     "curve_public_dir": "curve_public_dir", "insecure": "insecure", "encrypt_data": "encrypt_data",
     "heartbeat": "timeouts.heartbeat", "peer_timeout": "timeouts.peer_down",
@@ -51,6 +51,13 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
                         "snap.finish() or shardkeep release)")
     p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="(default: INFO)")
+    p.add_argument("--log-format", type=str.lower, choices=["text", "json"],
+                   help="json: one JSON object per line with time, level, logger, message and the event's "
+                        "job, rank, step, version, peer where it has them (default: text)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port at /metrics (default: 0 = off)")
+    p.add_argument("--metrics-host", help="address the metrics endpoint binds (default: 127.0.0.1; 0.0.0.0 "
+                                          "for a scraper on another host)")
     p.add_argument("--request-timeout", type=float,
                    help=f"seconds a request to a peer may take (default: {t.client_request:g})")
     p.add_argument("--pin-lease", type=float,
@@ -60,7 +67,8 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peers",
                    help="comma-separated control addresses of the group, in order: tcp://HOST0:PORT0,... "
                         "(this node's own entry is the address it binds)")
-    g.add_argument("--node", type=int, help="this daemon's index in --peers (default: 0)")
+    g.add_argument("--node", help="this daemon's index in --peers, or auto: the entry whose host is --advertise "
+                                  "(default: 0)")
     g.add_argument("--parity", type=int, help="parity nodes per stripe, m (default: 1)")
     g.add_argument("--data-port", type=int,
                    help="port of the bulk data endpoint on the control host (default: 0 = any free port)")
@@ -102,10 +110,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(render_config(cfg, source))
         return 0
-    logging.basicConfig(
-        level=cfg.log_level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .logs import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format, cfg.node if cfg.peers else None)
     try:
         run_daemon(cfg)
     except (ShardkeepError, ValueError, OSError) as exc:

@@ -23,9 +23,12 @@ class DaemonConfig:
     slots: int = DEFAULT_SLOTS
     job_ttl: float = 0.0               # seconds; 0 keeps idle jobs until finish/release
     log_level: str = "INFO"
+    log_format: str = "text"           # "text", or "json": one JSON object per line
+    metrics_port: int = 0              # Prometheus endpoint; 0 = none
+    metrics_host: str = "127.0.0.1"
     timeouts: Timeouts = field(default_factory=Timeouts)
     # group (no peers: a group of one, the single-node mode)
-    node: int = 0
+    node: int = 0                      # -1 ("auto"): the --peers entry whose host is --advertise
     peers: list[str] = field(default_factory=list)
     parity: int = 1
     data_port: int = 0
@@ -41,6 +44,8 @@ class DaemonConfig:
                 f"shm_prefix {self.shm_prefix!r}: 1-48 characters of A-Z a-z 0-9 _, "
                 "starting with a letter or digit"
             )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0 (off) or a port 1..65535, got {self.metrics_port}")
         if self.job_ttl < 0:
             raise ValueError(f"job_ttl must be >= 0 seconds, got {self.job_ttl}")
         if not 2 <= self.slots <= 8:
@@ -54,6 +59,8 @@ class DaemonConfig:
             n = len(self.peers)
             if n < 2:
                 raise ValueError("--peers needs at least two addresses (this node's and a peer's)")
+            if self.node == -1:
+                self.node = _node_of(self.peers, self.advertise)
             if not 0 <= self.node < n:
                 raise ValueError(f"--node {self.node} is not an index into the {n} --peers addresses")
             if not 1 <= self.parity < n:
@@ -126,6 +133,36 @@ def _p_size(v):
     raise ValueError("expected a size such as 8GB")
 
 
+def _p_log_format(v):
+    v = _p_str(v).lower()
+    if v not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return v
+
+
+def _p_node(v):
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return -1
+    n = _p_int(v)
+    if n < 0:
+        raise ValueError("expected a node index >= 0, or auto")
+    return n
+
+
+def _node_of(peers: list[str], advertise: str) -> int:
+    """node = auto: the index of the one peers entry whose host is ``advertise`` (a DaemonSet's host IP)."""
+    from .peerlink import split_address
+
+    if not advertise:
+        raise ValueError("node = auto needs advertise (this node's host as written in peers), e.g. "
+                         "SHARDKEEP_ADVERTISE from the pod's status.hostIP")
+    hits = [i for i, a in enumerate(peers) if split_address(a)[1] == advertise]
+    if len(hits) != 1:
+        raise ValueError(f"node = auto: advertise {advertise!r} matches {len(hits)} of the peers "
+                         f"{peers} (need exactly one)")
+    return hits[0]
+
+
 def _p_peers(v):
     if isinstance(v, str):
         return [a.strip() for a in v.split(",") if a.strip()]
@@ -144,8 +181,9 @@ def _p_level(v):
 #: every setting: key (as in the TOML file; "timeouts.x" in its [timeouts] table) -> parser
 SETTINGS: dict[str, Any] = {
     "socket": _p_str, "shm_prefix": _p_str, "memory_limit": _p_size, "state_dir": _p_str, "slots": _p_int,
-    "job_ttl": _p_float, "log_level": _p_level,
-    "node": _p_int, "peers": _p_peers, "parity": _p_int, "data_port": _p_int, "advertise": _p_str,
+    "job_ttl": _p_float, "log_level": _p_level, "log_format": _p_log_format, "metrics_port": _p_int,
+    "metrics_host": _p_str,
+    "node": _p_node, "peers": _p_peers, "parity": _p_int, "data_port": _p_int, "advertise": _p_str,
     "curve_secret": _p_str, "curve_public_dir": _p_str, "insecure": _p_bool, "encrypt_data": _p_bool,
     **{f"timeouts.{f.name}": _p_float for f in dataclasses.fields(Timeouts)},
 }

@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable
 from shardkeep.proto.errors import IntegrityError, ProtocolError, ShardkeepError, ShardkeepTimeoutError
 from shardkeep.proto.faults import Phase, plan as fault_plan
 
+from . import metrics
 from .arena import SHM_DIR, Segment, create_segment, open_segment, pread_exact, pwrite_all
 from .groupmeta import MAX_RECORD, ParityRecord
 from .codec import CodecPool, CodecSpec, lower_thread_priority, substripes
@@ -610,6 +611,8 @@ class GroupCommit:
             self._pull(v, nxt)
         if v.rows_done == v.rows:
             v.t_encode1 = time.monotonic()
+            metrics.CODEC_BYTES.labels("encode").inc(self.p.k * self.stripe_len(v, self.node))
+            metrics.CODEC_SECONDS.labels("encode").inc(v.t_encode1 - v.t_encode0)
             await self._finish_stripe(v)
 
     async def _finish_stripe(self, v: _Version) -> None:

@@ -25,6 +25,7 @@ from shardkeep.proto.manifest import Manifest
 
 from shardkeep.proto.faults import Phase
 
+from . import metrics
 from .arena import Segment, create_segment, create_slot, pwrite_all, verify_slot
 from .jobs import JobState
 from .stripes import chunk_bounds
@@ -279,7 +280,10 @@ async def _rebuild_version_into(daemon: Any, job: str, step: int, epoch: int, li
                 raise UnavailableError(f"stripe {s} of {job!r} step {step}: only {len(have)} of {k} fragments survive")
             hdr = await headers_of(s)
             if Ls:
+                t_dec = time.monotonic()
                 await gc.pool.reconstruct(spec, have, hdr, Ls, want)
+                metrics.CODEC_BYTES.labels("decode").inc(Ls * len(want))
+                metrics.CODEC_SECONDS.labels("decode").inc(time.monotonic() - t_dec)
             headers[s] = hdr
         finally:
             st.destroy()

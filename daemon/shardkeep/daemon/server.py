@@ -38,7 +38,7 @@ from shardkeep.proto.manifest import Manifest
 from shardkeep.proto.slotfile import STATE_COMMITTED, STATE_WRITING, geometry
 from shardkeep.proto.transport import ipc_endpoint
 
-from . import admission
+from . import admission, metrics, sdnotify
 from .arena import SHM_DIR, Slot, create_slot, open_existing, verify_slot
 from .codec import cpu_by_thread_role, lower_thread_priority
 from .config import DaemonConfig
@@ -64,6 +64,7 @@ class Daemon:
         self._lag_period = 0.02
         self.errors = 0
         self.adopted = 0
+        self.metrics_port = 0
         self.dropped_bad = 0
         self.faults = fault_plan()
         self.group = None
@@ -115,6 +116,7 @@ class Daemon:
             except (OSError, IntegrityError) as exc:
                 log.warning("dropping segment %s: %s", name, exc)
                 self.dropped_bad += 1
+                metrics.INTEGRITY.labels("adoption").inc()
                 _unlink(name)
                 continue
             if slot.state != STATE_COMMITTED:
@@ -126,6 +128,7 @@ class Daemon:
                 log.error("dropping bad slot %s (job %s rank %d step %d): %s",
                           name, slot.header.job, slot.header.rank, slot.step, exc)
                 self.dropped_bad += 1
+                metrics.INTEGRITY.labels("adoption").inc()
                 slot.destroy()
                 continue
             slot.manifest = m
@@ -215,13 +218,21 @@ class Daemon:
         log.info("shardkeepd %s serving %s (prefix %s, pid %d, %d jobs adopted)",
                  self.instance, self.cfg.socket, self.cfg.shm_prefix, os.getpid(), len(self.jobs))
         reader = asyncio.create_task(self._serve(sock))
-        janitor = asyncio.create_task(self._janitor())
-        lag = asyncio.create_task(self._lag_monitor())
+        tasks = [reader, asyncio.create_task(self._janitor()), asyncio.create_task(self._lag_monitor())]
+        # systemd (Type=notify): ready once the socket is bound, adopted slots verified, the group started
+        sdnotify.notify(f"READY=1\nSTATUS=serving {self.cfg.socket}, {len(self.jobs)} jobs adopted\n"
+                        f"MAINPID={os.getpid()}")
+        if self.cfg.metrics_port:
+            self.metrics_port = metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host,
+                                              lambda: self.h_status({}, None), loop)
+            log.info("metrics at http://%s:%d/metrics", self.cfg.metrics_host, self.metrics_port)
+        if (every := sdnotify.watchdog_interval()) is not None:
+            tasks.append(asyncio.create_task(self._watchdog(every)))
         await self._stop.wait()
-        reader.cancel()
-        janitor.cancel()
-        lag.cancel()
-        await asyncio.gather(reader, janitor, lag, return_exceptions=True)
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping: committed slots stay for the next daemon")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         sock.close(linger=0)
         if self.group is not None:
             await self.group.stop()
@@ -252,6 +263,12 @@ class Daemon:
                     s.destroy()
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("shardkeepd %s stopped; %d committed slots left for re-adoption", self.instance, kept)
+
+    async def _watchdog(self, every: float) -> None:
+        """``WATCHDOG=1`` from the event loop itself: a loop that stops turning stops the pings."""
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(every)
 
     async def _janitor(self) -> None:
         while True:
@@ -410,7 +427,15 @@ class Daemon:
     async def h_recover(self, f: dict[str, Any]) -> dict[str, Any]:
         from .recover import rebuild
 
-        return await rebuild(self)
+        t0 = time.monotonic()
+        try:
+            out = await rebuild(self)
+        except BaseException:
+            metrics.RECOVERIES.labels("failed").inc()
+            raise
+        metrics.RECOVERIES.labels("done").inc()
+        metrics.REBUILD.observe(time.monotonic() - t0)
+        return out
 
     async def h_wait(self, f: dict[str, Any]) -> dict[str, Any]:
         """Until (job, step) is group-committed, or cannot be: the level it reached."""
@@ -477,6 +502,8 @@ class Daemon:
                 s.destroy()
         if slot.state != STATE_COMMITTED:
             return {"status": "skipped", "reason": job.aborted.get(step, "aborted")}
+        metrics.COMMIT.observe(time.monotonic() - slot.begun_at)
+        metrics.SNAPSHOT_BYTES.labels(job.job).inc(m.data_bytes)
         if recorded and self.group is not None:
             self._group_commit(job, step)
         return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history,
@@ -521,7 +548,7 @@ class Daemon:
         waiter = self._group_waiters[(job.job, step)] = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
-            ok, why = False, ""
+            ok, why, t0 = False, "", time.monotonic()
             try:
                 await self.group.gc.start(job.job, step, views, manifests, epoch)
                 await self.group.gc.wait(job.job, step, limit, epoch)
@@ -533,6 +560,7 @@ class Daemon:
             finally:
                 for s in slots:
                     s.pins.pop(token, None)
+            metrics.GROUP_COMMIT.labels("group" if ok else "local").observe(time.monotonic() - t0)
             if ok and self.jobs.get(job.job) is job and any(s.step == step for s in slots):
                 job.group_recorded = (job.group_recorded + [step])[-16:]
                 # the new group-level version replaces every other of the job (older steps, other launches)
@@ -614,6 +642,7 @@ class Daemon:
         job.last_active = time.time()
         token = secrets.token_hex(8)
         slot.pins[token] = time.monotonic() + self.cfg.timeouts.pin_lease
+        metrics.restore_opened(token)
         h = slot.header
         return {
             "pin": token, "step": slot.step, "history": h.history, "slot": slot.describe(),
@@ -631,12 +660,14 @@ class Daemon:
             raise NotFoundError(f"no restore pin {f['pin']} for job {job.job!r} rank {f['rank']}")
         if f.get("bad"):
             self.dropped_bad += 1
+            metrics.INTEGRITY.labels("reader").inc()
             log.error("job %s rank %d step %d reported bad by a reader (%s): dropped",
                       job.job, f["rank"], slot.step, f.get("reason", ""))
             job.recorded = [v for v in job.recorded if v != slot.step]
             if slot.state == STATE_COMMITTED:
                 slot.mark_free()
         self._unpin(job, slot, f["pin"])
+        metrics.restore_released(f["pin"])
         return {}
 
     def h_resume(self, f, payload):
@@ -685,6 +716,7 @@ class Daemon:
             "loop": self.loop_status(),
             "cpu_s": cpu_by_thread_role(),
             "adopted_slots": self.adopted,
+            "metrics": f"http://{self.cfg.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else None,
             "dropped_bad_slots": self.dropped_bad,
             "jobs": jobs,
             "group": self.group.status() if self.group is not None else None,
