@@ -199,3 +199,32 @@ def test_the_example_daemon_config_loads(tmp_path):
     r = subprocess.run([str(BIN / "shardkeepd"), "--config", str(DEPLOY / "systemd" / "shardkeepd.toml"),
                         "--print-config"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and 'socket = "/run/shardkeep/shardkeep.sock"' in r.stdout, r.stderr
+
+
+def test_a_restart_for_an_upgrade_with_a_new_config_keeps_committed_snapshots(make_daemon, job_id):
+    import torch
+
+    from shardkeep.client import Snapshotter
+    from test_group_membership import free_ports
+
+    d = make_daemon(["--slots", "2"])
+    g = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(4096, generator=g), "meta": {"step": s}} for s in range(4)]
+    snap = Snapshotter(socket=d.socket, job=job_id, rank=0, world_size=1)
+    for s, st in enumerate(states):
+        assert snap.snapshot(st, s).result(timeout=30).status == "committed"
+    snap.close()
+    assert d.stop() == 0  # SIGTERM, as `systemctl restart` sends
+    port = free_ports(1)[0]
+    d.extra = ["--slots", "3", "--log-format", "json", "--metrics-port", str(port)]  # the new config
+    d.start()
+    st = d.status()
+    assert st["adopted_slots"] == 2 and st["metrics"].endswith(f":{port}/metrics")
+    assert d.job_status(job_id)["restorable"] == [3, 2]
+    back = {"w": torch.zeros(4096), "meta": {"step": -1}}
+    snap = Snapshotter(socket=d.socket, job=job_id, rank=0, world_size=1)
+    assert snap.restore(back) == 3
+    assert torch.equal(back["w"], states[3]["w"]) and back["meta"] == {"step": 3}
+    assert snap.snapshot(states[0], 4).result(timeout=30).status == "committed"  # and it goes on
+    snap.close()
+    assert d.job_status(job_id)["restorable"][0] == 4

@@ -235,3 +235,10 @@ def test_an_awaited_fault_delay_suspends_the_task_not_the_event_loop():
         return during
 
     assert asyncio.run(main()) >= 5
+
+
+def test_a_reply_of_another_protocol_version_is_refused_naming_both():
+    frames = [msgpack.packb({"v": wire.PROTOCOL_VERSION + 1, "id": 1, "type": "ok"})]
+    with pytest.raises(errors.ProtocolError, match=rf"version {wire.PROTOCOL_VERSION + 1}.*"
+                                                  rf"this client speaks version {wire.PROTOCOL_VERSION}"):
+        wire.decode_reply(frames)

@@ -1041,7 +1041,8 @@ class ControlClient(_Monitored):
             header = _unpack(frames[0], MAX_PEER_HEADER_BYTES, "reply header")
             mid = header.get("id")
             if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
-                raise ProtocolError(f"reply with protocol version {header.get('v')!r}")
+                raise ProtocolError(f"reply with peer protocol version {header.get('v')!r}; this daemon speaks "
+                                    f"version {PROTOCOL_VERSION}")
             if type(mid) is not int or header.get("type") not in REPLY_TYPES:
                 raise ProtocolError(f"unexpected reply type {header.get('type')!r}")
         except ProtocolError as exc:

@@ -151,7 +151,8 @@ def decode_reply(frames: list) -> Message:
         raise ProtocolError("empty reply")
     header = _unpack_header(frames[0])
     if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"daemon replied with protocol version {header.get('v')!r}")
+        raise ProtocolError(f"daemon replied with protocol version {header.get('v')!r}; this client speaks "
+                            f"version {PROTOCOL_VERSION} (upgrade the older of the two)")
     mid = header.get("id", -1)
     if header.get("type") == REPLY_ERROR:
         err = from_wire(header.get("code"), header.get("message"), header.get("details"))
