@@ -10,13 +10,14 @@ import ctypes
 import logging
 import mmap
 import os
+import socket
 import threading
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from shardkeep.proto.errors import NotFoundError, PermissionDeniedError
+from shardkeep.proto.errors import NotFoundError, PermissionDeniedError, UnavailableError
 
 log = logging.getLogger("shardkeep.client")
 
@@ -43,13 +44,18 @@ class SlotMaps:
     def __init__(self) -> None:
         self._maps: dict[str, Mapping] = {}
         self._lock = threading.Lock()
+        self._fd_socket: tuple[str, str, str | None] | None = None
+
+    def use_fd_socket(self, path: str, job: str, token: str | None) -> None:
+        """Multi-user mode: open segments through the daemon's descriptor socket, not by name."""
+        self._fd_socket = (path, job, token)
 
     def get(self, name: str, size: int) -> Mapping:
         with self._lock:
             m = self._maps.get(name)
             if m is not None and m.size == size:
                 return m
-        m = _map(name, size)
+        m = _map(name, size, self._fd_socket)
         with self._lock:
             self._maps[name] = m
         return m
@@ -72,16 +78,47 @@ class SlotMaps:
             self._maps.clear()
 
 
-def _map(name: str, size: int) -> Mapping:
+def fetch_fd(fd_socket: str, job: str, token: str | None, name: str, timeout: float = 10.0) -> int:
+    """A descriptor of segment ``name`` of ``job`` from the daemon's ``<socket>.fds`` (multi-user mode)."""
+    import msgpack
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(fd_socket)
+            s.sendall(msgpack.packb({"job": job, "token": token or "", "names": [name]}))
+            msg, fds, _flags, _addr = socket.recv_fds(s, 65536, 4)
+        except PermissionError:
+            raise PermissionDeniedError(f"cannot use {fd_socket}: this user is not in the daemon's trainer "
+                                        "group") from None
+        except OSError as exc:
+            raise UnavailableError(f"descriptor socket {fd_socket}: {exc}") from None
+    try:
+        reply = msgpack.unpackb(msg, raw=False) if msg else {}
+    except ValueError:
+        reply = {}
+    if not isinstance(reply, dict) or not reply.get("ok") or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        why = reply.get("error") if isinstance(reply, dict) else None
+        raise PermissionDeniedError(f"segment {name} of job {job!r} refused: {why or 'no descriptor'}")
+    return fds[0]
+
+
+def _map(name: str, size: int, fd_socket: tuple[str, str, str | None] | None = None) -> Mapping:
     if "/" in name or name.startswith("."):
         raise PermissionDeniedError(f"refusing segment name {name!r}")
     path = os.path.join(SHM_DIR, name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if fd_socket is not None:
+            fd = fetch_fd(*fd_socket, name)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise NotFoundError(f"segment {path} is gone (daemon restarted or job finished)") from None
     except PermissionError:
-        raise PermissionDeniedError(f"cannot open {path}: run the trainer as the daemon's user") from None
+        raise PermissionDeniedError(f"cannot open {path}: run the trainer as the daemon's user, or use a "
+                                    "daemon in multi-user mode (--trainer-group)") from None
     try:
         st = os.fstat(fd)
         if st.st_size != size:

@@ -148,6 +148,9 @@ class _Registration:
     slots: dict[int, dict]
 
 
+_TOKEN_REQUESTS = frozenset({"register", "versions", "open", "release", "resume", "finish"})
+
+
 class Snapshotter:
     """Snapshot a training state into the local shardkeep daemon every step, restore it after a crash.
 
@@ -156,6 +159,9 @@ class Snapshotter:
     forward pre-hook on each module in ``state`` waits for the buffers, the
     optimizer's step pre-hook for parameters and optimizer state.  State that
     changes in place elsewhere (EMA, manual edits) needs ``wait()`` first.
+
+    ``token`` (default ``$SHARDKEEP_JOB_TOKEN``): the job's secret, the same on
+    every rank, required by a daemon in multi-user mode (``--trainer-group``).
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class Snapshotter:
         slots: int | None = None,
         max_stall: float = 1.0,
         hash_threads: int | None = None,
+        token: str | None = None,
     ) -> None:
         self.socket = socket or default_socket()
         self.job = resolve_job(job)
@@ -200,6 +207,7 @@ class Snapshotter:
         self.stats = Stats()
         self.last_restore: RestoreInfo | None = None
 
+        self.token = token or os.environ.get("SHARDKEEP_JOB_TOKEN") or None
         self._chan = Channel(self.socket, timeout=timeout)
         self._maps = SlotMaps()
         self._reg: _Registration | None = None
@@ -508,8 +516,12 @@ class Snapshotter:
                 and time.monotonic() - t < NO_SLOT_RECHECK_S)
 
     def _request(self, mtype: str, fields: dict, payload: list | None = None) -> wire.Message:
+        if self.token and mtype in _TOKEN_REQUESTS:
+            fields = {**fields, "token": self.token}
         reply = self._chan.request(mtype, fields, payload)
         self._daemon_ok = True
+        if "fd_socket" in reply.fields:  # multi-user mode: slots come by descriptor, never by name
+            self._maps.use_fd_socket(str(reply.fields["fd_socket"]), self.job, self.token)
         inst = reply.fields.get("instance")
         if self._instance is not None and inst != self._instance:
             log.warning("job %s rank %d: daemon restarted (instance %s -> %s); registering again",

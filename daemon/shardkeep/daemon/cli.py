@@ -22,7 +22,7 @@ def _size(text: str) -> int:
 _FLAG_KEYS = {
     "socket": "socket", "shm_prefix": "shm_prefix", "memory_limit": "memory_limit", "state_dir": "state_dir",
     "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "log_format": "log_format",
-    "metrics_port": "metrics_port", "metrics_host": "metrics_host", "peers": "peers", "node": "node",
+    "metrics_port": "metrics_port", "metrics_host": "metrics_host", "trainer_group": "trainer_group", "peers": "peers", "node": "node",
     "parity": "parity", "data_port": "data_port", "advertise": "advertise", "curve_secret": "curve_secret",
     "curve_public_dir": "curve_public_dir", "insecure": "insecure", "encrypt_data": "encrypt_data",
     "heartbeat": "timeouts.heartbeat", "peer_timeout": "timeouts.peer_down",
@@ -56,6 +56,9 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
                         "job, rank, step, version, peer where it has them (default: text)")
     p.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port at /metrics (default: 0 = off)")
+    p.add_argument("--trainer-group", metavar="GROUP",
+                   help="multi-user mode: trainers of users in GROUP may use this daemon; each job needs a token "
+                        "(SHARDKEEP_JOB_TOKEN) and gets its slots by descriptor, never by name (docs/SECURITY.md)")
     p.add_argument("--metrics-host", help="address the metrics endpoint binds (default: 127.0.0.1; 0.0.0.0 "
                                           "for a scraper on another host)")
     p.add_argument("--request-timeout", type=float,
@@ -149,7 +152,11 @@ def cmd_release(args: argparse.Namespace) -> int:
     from shardkeep.proto.transport import Channel
 
     try:
-        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request("finish", {"job": args.job})
+        import os
+
+        token = args.token or os.environ.get("SHARDKEEP_JOB_TOKEN")
+        reply = Channel(args.socket or default_socket(), timeout=args.timeout).request(
+            "finish", {"job": args.job, **({"token": token} if token else {})})
     except ShardkeepError as exc:
         print(f"shardkeep release: {exc}", file=sys.stderr)
         return 1
@@ -280,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("release", help="free every version of a job that is really over (same as snap.finish())")
     p.add_argument("--job", required=True, help="the job id")
     p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--token", default=None,
+                   help="the job's token, for a daemon in multi-user mode (default: $SHARDKEEP_JOB_TOKEN)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default: 10)")
     p.set_defaults(func=cmd_release)
 

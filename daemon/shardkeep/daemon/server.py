@@ -38,7 +38,7 @@ from shardkeep.proto.manifest import Manifest
 from shardkeep.proto.slotfile import STATE_COMMITTED, STATE_WRITING, geometry
 from shardkeep.proto.transport import ipc_endpoint
 
-from . import admission, metrics, sdnotify
+from . import admission, metrics, multiuser, sdnotify
 from .arena import SHM_DIR, Slot, create_slot, open_existing, verify_slot
 from .codec import cpu_by_thread_role, lower_thread_priority
 from .config import DaemonConfig
@@ -65,6 +65,8 @@ class Daemon:
         self.errors = 0
         self.adopted = 0
         self.metrics_port = 0
+        self.tokens = None   # multi-user mode: job -> token digest (multiuser.Tokens)
+        self.fd_server = None
         self.dropped_bad = 0
         self.faults = fault_plan()
         self.group = None
@@ -156,7 +158,12 @@ class Daemon:
     def _bind(self) -> zmq.asyncio.Socket:
         path = os.path.abspath(self.cfg.socket)
         d = os.path.dirname(path)
-        if not os.path.isdir(d):
+        gid = multiuser.resolve_group(self.cfg.trainer_group) if self.cfg.trainer_group else None
+        if gid is not None:  # multi-user: the trainer group may enter the directory and use the socket
+            os.makedirs(d, mode=0o750, exist_ok=True)
+            os.chown(d, -1, gid)
+            os.chmod(d, 0o750)
+        elif not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
         else:
@@ -177,7 +184,15 @@ class Daemon:
             sock.bind(ipc_endpoint(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+            self.tokens = multiuser.Tokens(self.cfg.state_dir)
+            self.fd_server = multiuser.FdServer(multiuser.fd_socket_path(path), gid, self.tokens,
+                                                self._slot_names, _open_segment)
+            self.fd_server.bind()
+        else:
+            os.chmod(path, 0o600)
         return sock
 
     def _unlock(self) -> None:
@@ -219,6 +234,8 @@ class Daemon:
                  self.instance, self.cfg.socket, self.cfg.shm_prefix, os.getpid(), len(self.jobs))
         reader = asyncio.create_task(self._serve(sock))
         tasks = [reader, asyncio.create_task(self._janitor()), asyncio.create_task(self._lag_monitor())]
+        if self.fd_server is not None:
+            tasks.append(asyncio.create_task(self.fd_server.serve()))
         # systemd (Type=notify): ready once the socket is bound, adopted slots verified, the group started
         sdnotify.notify(f"READY=1\nSTATUS=serving {self.cfg.socket}, {len(self.jobs)} jobs adopted\n"
                         f"MAINPID={os.getpid()}")
@@ -366,6 +383,18 @@ class Daemon:
         fields, payload = result if isinstance(result, tuple) else (result, [])
         return wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance}, payload)
 
+    def _check_token(self, job: str, f: dict, *, record: bool = False) -> None:
+        """Multi-user mode: the request carries the job's token (``record``: the first one becomes it)."""
+        if self.tokens is not None:
+            self.tokens.check(job, f.get("token"), record=record)
+
+    def _slot_names(self, job: str) -> set[str]:
+        j = self.jobs.get(job)
+        return {s.name for s in j.all_slots()} if j is not None else set()
+
+    def _fd_fields(self) -> dict:
+        return {"fd_socket": self.fd_server.path} if self.fd_server is not None else {}
+
     def _job(self, job: str) -> JobState:
         j = self.jobs.get(job)
         if j is None:
@@ -390,6 +419,7 @@ class Daemon:
         lock = self._job_locks.setdefault(name, asyncio.Lock())
         async with lock:
             await self.faults.ahit(Phase.REGISTER)
+            self._check_token(name, f, record=True)
             job = self.jobs.get(name)
             if job is None:
                 job = self.jobs[name] = JobState(name, f["world_size"], f["local_world_size"])
@@ -422,6 +452,7 @@ class Daemon:
                 "session": session,
                 "history": job.history,
                 "slots": [dict(s.describe(), usable=rs.usable(s)) for s in rs.slots],
+                **self._fd_fields(),
             }
 
     async def h_recover(self, f: dict[str, Any]) -> dict[str, Any]:
@@ -600,6 +631,7 @@ class Daemon:
         job = self.jobs.get(f["job"])
         if job is None:
             return {"restorable": [], "history": 0, "exists": False}
+        self._check_token(job.job, f)
         job.last_active = time.time()
         out: dict[str, Any] = {"restorable": job.restorable(), "history": job.history, "exists": True,
                                "world_size": job.world_size, "local_world_size": job.local_world_size}
@@ -637,6 +669,7 @@ class Daemon:
         return out
 
     def h_open(self, f, payload):
+        self._check_token(f["job"], f)
         job = self._job(f["job"])
         slot = job.find(f["rank"], f["step"])
         job.last_active = time.time()
@@ -646,13 +679,14 @@ class Daemon:
         h = slot.header
         return {
             "pin": token, "step": slot.step, "history": h.history, "slot": slot.describe(),
-            "manifest_len": h.manifest_len, "manifest_xxh": h.manifest_xxh,
+            "manifest_len": h.manifest_len, "manifest_xxh": h.manifest_xxh, **self._fd_fields(),
         }
 
     def _unpin(self, job: JobState, slot: Slot, token: str) -> None:
         slot.pins.pop(token, None)
 
     def h_release(self, f, payload):
+        self._check_token(f["job"], f)
         job = self._job(f["job"])
         rs = job.ranks.get(f["rank"])
         slot = next((s for s in (rs.slots if rs else ()) if f["pin"] in s.pins), None)
@@ -671,6 +705,7 @@ class Daemon:
         return {}
 
     def h_resume(self, f, payload):
+        self._check_token(f["job"], f)
         job = self._job(f["job"])
         step = f["step"]
         if job.newest_held() > step:  # any rank's slots and the job's record alike
@@ -680,6 +715,7 @@ class Daemon:
         return {"history": job.history}
 
     def h_finish(self, f, payload):
+        self._check_token(f["job"], f)
         return {"freed_slots": self._drop_job(self._job(f["job"]), "finished")}
 
     def _drop_job(self, job: JobState, why: str) -> int:
@@ -692,6 +728,8 @@ class Daemon:
         for s in slots:
             s.destroy()
         del self.jobs[job.job]
+        if self.tokens is not None:
+            self.tokens.forget(job.job)
         log.info("job %s %s: %d slots, %d bytes freed", job.job, why, len(slots), freed)
         return len(slots)
 
@@ -722,6 +760,13 @@ class Daemon:
             "group": self.group.status() if self.group is not None else None,
             "recover": self.recover_progress or None,
         }
+
+
+def _open_segment(name: str) -> int:
+    """A descriptor of one of our segments, for a trainer in multi-user mode."""
+    if "/" in name or name.startswith("."):
+        raise ProtocolError(f"bad segment name {name!r}")
+    return os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
 
 
 def _unlink(name: str) -> None:

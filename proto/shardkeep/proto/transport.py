@@ -11,7 +11,7 @@ from typing import Any
 import zmq
 
 from . import wire
-from .errors import ProtocolError, ShardkeepTimeoutError, UnavailableError
+from .errors import PermissionDeniedError, ProtocolError, ShardkeepTimeoutError, UnavailableError
 
 
 def ipc_endpoint(path: str) -> str:
@@ -55,6 +55,15 @@ class Channel:
     ) -> wire.Message:
         timeout = self.timeout if timeout is None else timeout
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
+            path = self.endpoint[6:]
+            try:
+                os.stat(path)
+            except PermissionError:
+                raise PermissionDeniedError(
+                    f"cannot reach the shardkeep daemon socket {path}: permission denied (run as the daemon's "
+                    "user, or, for a daemon in multi-user mode, as a member of its --trainer-group)") from None
+            except OSError:
+                pass
             raise UnavailableError(
                 f"no shardkeep daemon socket at {self.endpoint[6:]} (is shardkeepd running? "
                 "set SHARDKEEP_SOCKET or pass socket=)"

@@ -33,24 +33,26 @@ EPOCH = _int(0, MAX_STEP)  # a launch of a job, agreed by its ranks at restore()
 RANK = _int(0, MAX_RANK)
 SIZE = _int(0, 1 << 50)
 TOKEN = _str(64)
+JOB_TOKEN = _str(256)  # multi-user mode: the job's secret (SHARDKEEP_JOB_TOKEN)
 
 # type -> (required fields, optional fields, payload frames allowed)
 SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "register": (
         {"job": _job, "rank": RANK, "world_size": _int(1, MAX_RANK + 1),
          "local_world_size": _int(1, 4096), "data_bytes": SIZE, "manifest_bytes": _int(0, MAX_PAYLOAD_BYTES)},
-        {"slots": _int(2, 8), "pid": _int(0, 1 << 32)},
+        {"slots": _int(2, 8), "pid": _int(0, 1 << 32), "token": JOB_TOKEN},
         0,
     ),
     "begin": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN}, {"epoch": EPOCH}, 0),
     "commit": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN, "slot": _int(0, 1 << 32)}, {}, 1),
     "abort": ({"job": _job, "rank": RANK, "step": STEP, "session": TOKEN, "slot": _int(0, 1 << 32)},
               {"reason": _str(4096)}, 0),
-    "versions": ({"job": _job}, {"rank": RANK}, 0),
-    "open": ({"job": _job, "rank": RANK, "step": STEP}, {}, 0),
-    "release": ({"job": _job, "rank": RANK, "pin": TOKEN}, {"bad": _bool, "reason": _str(4096)}, 0),
-    "resume": ({"job": _job, "rank": RANK, "step": STEP}, {}, 0),
-    "finish": ({"job": _job}, {}, 0),
+    "versions": ({"job": _job}, {"rank": RANK, "token": JOB_TOKEN}, 0),
+    "open": ({"job": _job, "rank": RANK, "step": STEP}, {"token": JOB_TOKEN}, 0),
+    "release": ({"job": _job, "rank": RANK, "pin": TOKEN}, {"bad": _bool, "reason": _str(4096), "token": JOB_TOKEN},
+                0),
+    "resume": ({"job": _job, "rank": RANK, "step": STEP}, {"token": JOB_TOKEN}, 0),
+    "finish": ({"job": _job}, {"token": JOB_TOKEN}, 0),
     "status": ({}, {"job": _job}, 0),
     "wait": ({"job": _job, "step": STEP}, {"timeout": _int(1, 3_600_000)}, 0),
     "recover": ({}, {}, 0),

@@ -1,0 +1,192 @@
+"""Multi-user mode (--trainer-group): real users, real permissions, slots passed by descriptor.
+
+The test creates a group and two users (one in the group, one not), starts a
+daemon as root with ``--trainer-group``, and runs trainers as those users
+(each imports torch as root, then drops to the user's uid, gid and groups: the
+interpreter lives under /root): a member with
+the job's token snapshots and restores bitwise; with a wrong token it is
+refused; it never opens a segment by name, nor gets another job's
+descriptors; an outsider reaches neither the sockets nor the segments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import _PREFIXES, SHM, DaemonProc
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                       reason="needs root and useradd to create the users and group of the test"),
+]
+
+CLIENT = r"""
+import json, os, sys, torch
+from shardkeep.client import Snapshotter
+from shardkeep.client.shm import fetch_fd
+# imported as root (the interpreter lives under /root); from here on, the test's user
+uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), [int(g) for g in sys.argv[3].split(",") if g]
+os.setgroups(groups)
+os.setgid(gid)
+os.setuid(uid)
+assert os.getuid() == os.geteuid() == uid and os.getgroups() == groups
+sock, job, token, what = sys.argv[4:8]
+out = {}
+def attempt(key, fn):
+    try:
+        out[key] = fn()
+    except Exception as exc:
+        out[key] = f"{type(exc).__name__}: {exc}"
+state = {"w": torch.arange(4096, dtype=torch.float32) * 3, "meta": {"step": 1}}
+if what == "train":
+    def train():
+        s = Snapshotter(socket=sock, job=job, rank=0, world_size=1, token=token)
+        r = s.snapshot(state, 1).result(timeout=60)
+        s.close()
+        return [r.status, r.reason]
+    attempt("snapshot", train)
+def restore():
+    s = Snapshotter(socket=sock, job=job, rank=0, world_size=1, token=token)
+    back = {"w": torch.zeros(4096), "meta": {"step": -1}}
+    step = s.restore(back)
+    s.close()
+    return [step, bool(torch.equal(back["w"], state["w"])), back["meta"]]
+attempt("restore", restore)
+for name in sys.argv[8:]:
+    attempt("open " + name, lambda: os.open("/dev/shm/" + name, os.O_RDWR) and "opened")
+    attempt("fd " + name, lambda: fetch_fd(sock + ".fds", job, token, name) and "got a descriptor")
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def users():
+    tag = secrets.token_hex(3)
+    group, member, outsider = f"sktg{tag}", f"sktm{tag}", f"skto{tag}"
+
+    def run(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    run("groupadd", group)
+    try:
+        run("useradd", "-M", "-N", "-g", "users", "-G", group, "-s", "/usr/sbin/nologin", member)
+        run("useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", outsider)
+        import grp
+        import pwd
+
+        gid = grp.getgrnam(group).gr_gid
+        yield {"group": group, "gid": gid, "member": pwd.getpwnam(member), "outsider": pwd.getpwnam(outsider)}
+    finally:
+        for u in (member, outsider):
+            subprocess.run(["userdel", u], capture_output=True, timeout=60)
+        subprocess.run(["groupdel", group], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def mu_daemon(users):
+    root = Path(tempfile.mkdtemp(prefix="skmu", dir="/tmp"))
+    os.chmod(root, 0o755)  # the users must reach the socket directory inside (the daemon makes it 0750, group G)
+    prefix = f"skt{secrets.token_hex(4)}"
+    _PREFIXES.append(prefix)
+    d = DaemonProc(root, prefix, ["--trainer-group", users["group"]]).start()
+    yield d
+    d.stop()
+    d.wipe_shm()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def as_user(users, who: str, d: DaemonProc, job: str, token: str, what: str, *names: str) -> dict:
+    pw = users[who]
+    extra = str(users["gid"]) if who == "member" else ""
+    r = subprocess.run([sys.executable, "-c", CLIENT, str(pw.pw_uid), str(pw.pw_gid), extra, d.socket, job, token,
+                        what, *names], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "HOME": "/tmp", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_jobs_of_several_users_share_a_daemon_and_stay_apart(users, mu_daemon, job_id):
+    d = mu_daemon
+    run_dir, sock = Path(d.socket).parent, Path(d.socket)
+    assert run_dir.stat().st_mode & 0o777 == 0o750 and run_dir.stat().st_gid == users["gid"]
+    for p in (sock, Path(d.socket + ".fds")):
+        assert p.stat().st_mode & 0o777 == 0o660 and p.stat().st_gid == users["gid"], p
+    token = secrets.token_urlsafe(16)
+    ok = as_user(users, "member", d, job_id, token, "train")
+    assert ok["snapshot"] == ["committed", ""] or ok["snapshot"][0] == "committed", ok
+    assert ok["restore"] == [1, True, {"step": 1}], ok
+    segs = sorted(p.name for p in SHM.glob(f"{d.prefix}-{job_id}-r0-*"))
+    assert segs and all((SHM / s).stat().st_mode & 0o777 == 0o600 and (SHM / s).stat().st_uid == 0 for s in segs)
+
+    # the same user with a wrong token: refused, and nothing of the job comes back
+    wrong = as_user(users, "member", d, job_id, "not-the-token", "peek", *segs)
+    assert "wrong job token" in wrong["restore"], wrong
+    for s in segs:
+        assert wrong["open " + s].startswith("PermissionError"), wrong   # never by name
+        assert "wrong job token" in wrong["fd " + s], wrong
+
+    # another job of the same user: its own token opens only its own segments
+    other = f"{job_id}-b"
+    token_b = secrets.token_urlsafe(16)
+    b = as_user(users, "member", d, other, token_b, "train", *segs)
+    assert b["restore"][:2] == [1, True], b
+    for s in segs:
+        assert f"holds no segments ['{s}']" in b["fd " + s], b
+
+    # a user outside the group: no socket, no descriptors, no segments
+    out = as_user(users, "outsider", d, job_id, token, "peek", *segs)
+    assert "PermissionDeniedError: cannot reach the shardkeep daemon socket" in out["restore"], out
+    for s in segs:
+        assert out["open " + s].startswith("PermissionError"), out
+        assert "this user is not in the daemon's trainer group" in out["fd " + s], out
+
+    # the token survives a daemon restart: re-adopted, and still guarded
+    d.stop()
+    d.start()
+    again = as_user(users, "member", d, job_id, "not-the-token", "peek")
+    assert "wrong job token" in again["restore"], again
+    back = as_user(users, "member", d, job_id, token, "peek")
+    assert back["restore"] == [1, True, {"step": 1}], back
+    # releasing a job takes its token too
+    from conftest import shardkeep_cmd
+
+    r = subprocess.run(shardkeep_cmd("release", "--socket", d.socket, "--job", job_id), capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "SHARDKEEP_JOB_TOKEN"})
+    assert r.returncode == 1 and "needs its token" in r.stderr, r.stderr
+    r = subprocess.run(shardkeep_cmd("release", "--socket", d.socket, "--job", job_id, "--token", token),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "released job" in r.stdout, r.stderr
+    assert not list(SHM.glob(f"{d.prefix}-{job_id}-r0-*"))
+
+
+def test_a_daemon_with_an_unknown_trainer_group_fails_fast(tmp_path):
+    from conftest import shardkeep_cmd
+
+    r = subprocess.run(shardkeep_cmd("daemon", "--socket", str(tmp_path / "s.sock"), "--trainer-group",
+                                     "no-such-group-sk"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "trainer_group 'no-such-group-sk': no such group" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("job", ["../../etc/passwd", "a/b", ".hidden", "x" * 200, "job\x00nul", "a..b"])
+def test_hostile_job_names_are_rejected(daemon, job):
+    from shardkeep.client import Snapshotter
+    from shardkeep.proto.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="invalid job id"):
+        Snapshotter(socket=daemon.socket, job=job, rank=0, world_size=1)
+    # and the daemon refuses them from any client, whatever it sends
+    for mtype, fields in [("register", {"job": job, "rank": 0, "world_size": 1, "local_world_size": 1,
+                                        "data_bytes": 64, "manifest_bytes": 64}), ("finish", {"job": job})]:
+        with pytest.raises(ProtocolError, match="invalid job id"):
+            daemon.request(mtype, fields)
+    assert daemon.segments() == []
