@@ -242,6 +242,14 @@ class Group:
                 raise
             except Exception as exc:
                 self.hello_errors[j] = str(exc)
+                c = self.clients.get(j)
+                # ZeroMQ never retries a connection whose CURVE handshake the peer refused: after a key
+                # rotation (the peer learns our new key after we started) or a late key deployment the
+                # socket would stay refused for good. A fresh socket handshakes again.
+                if c is not None and c.state in ("refused", "handshake-failed") and \
+                        time.monotonic() - c.state_since >= 2 * period:
+                    log.info("node %d: connection to node %d %s; trying afresh", self.node, j, c.state)
+                    self._replace_client(j, c.address)
 
         while True:
             # never greeted, or greeted but silent since: a peer that restarted may have lost our key and, if it
@@ -310,6 +318,12 @@ class Group:
             return await self.gc.serve_fetch(msg.fields)
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
+    def _replace_client(self, j: int, address: str) -> None:
+        old = self.clients.get(j)
+        self.clients[j] = ControlClient(self.pctx, j, address, timeout=self.cfg.timeouts.client_request).connect()
+        if old is not None:
+            asyncio.create_task(old.close())
+
     async def _on_hello(self, msg: PeerMessage) -> dict:
         f, src = msg.fields, msg.src
         self.membership.check_group(f)
@@ -323,11 +337,7 @@ class Group:
         if f["control"] != rec.control:
             log.info("node %d: node %d now answers at %s (was %s)", self.node, src, f["control"], rec.control)
             rec.control = f["control"]
-            old = self.clients.get(src)
-            self.clients[src] = ControlClient(self.pctx, src, rec.control,
-                                              timeout=self.cfg.timeouts.client_request).connect()
-            if old is not None:
-                asyncio.create_task(old.close())
+            self._replace_client(src, rec.control)
         rec.data = f["data"]
         if replaced:  # nothing the old node holds may verify any more (a fenced node stays unheard)
             self.data.forget_peer_keys(src)
