@@ -430,3 +430,30 @@ def test_live_daemon_under_fuzz_keeps_a_real_clients_data(make_daemon, job_id):
     assert committed >= len(outcomes) // 2 and restores >= 2
     _alive(daemon)
     assert daemon.status()["errors"] >= fz.errors
+
+
+def test_a_flooding_connection_is_rate_limited_and_others_are_served(make_daemon, job_id):
+    import torch
+
+    from shardkeep.client import Snapshotter
+
+    d = make_daemon(["--max-request-rate", "200"])
+    r = Raw(d.socket)
+    try:
+        n = 2000
+        for i in range(n):  # as fast as the socket takes them: far above 200/s
+            r.s.send_multipart([msgpack.packb({"v": 1, "id": i, "type": "ping"})])
+        replies = []
+        while len(replies) < n and r.s.poll(5000):
+            replies.append(msgpack.unpackb(r.s.recv_multipart()[0], strict_map_key=False))
+    finally:
+        r.close()
+    assert len(replies) == n  # every request answered: the limit replies, it does not drop
+    limited = [x for x in replies if x["type"] == "error"]
+    assert limited and all(x["code"] == "UnavailableError" and "rate limit" in x["message"] for x in limited)
+    assert n - len(limited) >= 400  # at least the burst (2 x 200) was served
+    assert d.status()["rate_limited"] == len(limited)
+    # another connection (a trainer) is not held back by the flood
+    snap = Snapshotter(socket=d.socket, job=job_id, rank=0, world_size=1)
+    assert snap.snapshot({"w": torch.ones(1000)}, 0).result(timeout=30).status == "committed"
+    snap.close()

@@ -22,7 +22,8 @@ def _size(text: str) -> int:
 _FLAG_KEYS = {
     "socket": "socket", "shm_prefix": "shm_prefix", "memory_limit": "memory_limit", "state_dir": "state_dir",
     "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "log_format": "log_format",
-    "metrics_port": "metrics_port", "metrics_host": "metrics_host", "trainer_group": "trainer_group", "peers": "peers", "node": "node",
+    "metrics_port": "metrics_port", "metrics_host": "metrics_host", "trainer_group": "trainer_group",
+    "max_request_rate": "max_request_rate", "peers": "peers", "node": "node",
     "parity": "parity", "data_port": "data_port", "advertise": "advertise", "curve_secret": "curve_secret",
     "curve_public_dir": "curve_public_dir", "insecure": "insecure", "encrypt_data": "encrypt_data",
     "heartbeat": "timeouts.heartbeat", "peer_timeout": "timeouts.peer_down",
@@ -59,6 +60,9 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-group", metavar="GROUP",
                    help="multi-user mode: trainers of users in GROUP may use this daemon; each job needs a token "
                         "(SHARDKEEP_JOB_TOKEN) and gets its slots by descriptor, never by name (docs/SECURITY.md)")
+    p.add_argument("--max-request-rate", type=float,
+                   help="requests per second one trainer connection may send, in bursts of twice that; more "
+                        "are answered with an error (default: 10000; 0 = no limit)")
     p.add_argument("--metrics-host", help="address the metrics endpoint binds (default: 127.0.0.1; 0.0.0.0 "
                                           "for a scraper on another host)")
     p.add_argument("--request-timeout", type=float,

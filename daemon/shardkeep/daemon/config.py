@@ -27,6 +27,7 @@ class DaemonConfig:
     metrics_port: int = 0              # Prometheus endpoint; 0 = none
     metrics_host: str = "127.0.0.1"
     trainer_group: str = ""            # multi-user mode: trainers of this group, slots by descriptor
+    max_request_rate: float = 10000.0  # requests/s per trainer connection (bursts of twice that); 0: no limit
     timeouts: Timeouts = field(default_factory=Timeouts)
     # group (no peers: a group of one, the single-node mode)
     node: int = 0                      # -1 ("auto"): the --peers entry whose host is --advertise
@@ -51,6 +52,8 @@ class DaemonConfig:
             from .multiuser import resolve_group
 
             resolve_group(self.trainer_group)  # ValueError naming it
+        if self.max_request_rate < 0:
+            raise ValueError(f"max_request_rate must be >= 0 (0: no limit), got {self.max_request_rate}")
         if self.job_ttl < 0:
             raise ValueError(f"job_ttl must be >= 0 seconds, got {self.job_ttl}")
         if not 2 <= self.slots <= 8:
@@ -187,7 +190,7 @@ def _p_level(v):
 SETTINGS: dict[str, Any] = {
     "socket": _p_str, "shm_prefix": _p_str, "memory_limit": _p_size, "state_dir": _p_str, "slots": _p_int,
     "job_ttl": _p_float, "log_level": _p_level, "log_format": _p_log_format, "metrics_port": _p_int,
-    "metrics_host": _p_str, "trainer_group": _p_str,
+    "metrics_host": _p_str, "trainer_group": _p_str, "max_request_rate": _p_float,
     "node": _p_node, "peers": _p_peers, "parity": _p_int, "data_port": _p_int, "advertise": _p_str,
     "curve_secret": _p_str, "curve_public_dir": _p_str, "insecure": _p_bool, "encrypt_data": _p_bool,
     **{f"timeouts.{f.name}": _p_float for f in dataclasses.fields(Timeouts)},

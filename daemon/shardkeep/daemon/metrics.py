@@ -120,6 +120,10 @@ def _families(st: dict) -> list:
     err = CounterMetricFamily("shardkeep_request_errors", "Requests answered with an error.")
     err.add_metric([], st["errors"])
     out.append(err)
+    limited = CounterMetricFamily("shardkeep_requests_rate_limited", "Trainer requests refused by the per-"
+                                  "connection rate limit (--max-request-rate).")
+    limited.add_metric([], st.get("rate_limited", 0))
+    out.append(limited)
     loop = st["loop"]
     if loop.get("samples"):
         gauge("shardkeep_loop_lag_p99_seconds", "The event loop's 99th percentile wake-up lag.",

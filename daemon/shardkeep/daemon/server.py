@@ -65,6 +65,8 @@ class Daemon:
         self.errors = 0
         self.adopted = 0
         self.metrics_port = 0
+        self.rate_limited = 0
+        self._limiter = _RateLimiter(cfg.max_request_rate) if cfg.max_request_rate > 0 else None
         self.tokens = None   # multi-user mode: job -> token digest (multiuser.Tokens)
         self.fd_server = None
         self.dropped_bad = 0
@@ -336,6 +338,15 @@ class Daemon:
                 continue
             ident, body = frames[0], frames[1:]
             envelope = [ident]
+            if self._limiter is not None and not self._limiter.allow(ident.bytes):
+                self.rate_limited += 1
+                if self.rate_limited in (1, 10, 100) or self.rate_limited % 1000 == 0:
+                    log.warning("%d requests refused so far: a client sends more than %g requests/s",
+                                self.rate_limited, self.cfg.max_request_rate)
+                err = UnavailableError(f"rate limit: more than {self.cfg.max_request_rate:g} requests/s from this "
+                                       "connection; slow down")
+                await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
+                continue
             if len(body) > 1 and len(body[0]) == 0:  # a REQ client's empty delimiter
                 envelope.append(body[0])
                 body = body[1:]
@@ -751,6 +762,7 @@ class Daemon:
                 "headroom": {h.name: h.free for h in admission.headrooms(self.cfg.memory_limit, self.used_bytes())},
             },
             "errors": self.errors,
+            "rate_limited": self.rate_limited,
             "loop": self.loop_status(),
             "cpu_s": cpu_by_thread_role(),
             "adopted_slots": self.adopted,
@@ -760,6 +772,30 @@ class Daemon:
             "group": self.group.status() if self.group is not None else None,
             "recover": self.recover_progress or None,
         }
+
+
+class _RateLimiter:
+    """A token bucket per client connection (ROUTER identity): ``rate`` requests/s, bursts of twice that."""
+
+    def __init__(self, rate: float, max_clients: int = 4096) -> None:
+        self.rate, self.burst, self.max_clients = rate, 2 * rate, max_clients
+        self._b: collections.OrderedDict[bytes, list[float]] = collections.OrderedDict()
+
+    def allow(self, ident: bytes) -> bool:
+        now = time.monotonic()
+        b = self._b.get(ident)
+        if b is None:
+            b = self._b[ident] = [self.burst, now]
+            if len(self._b) > self.max_clients:  # the least recently heard connection's bucket goes
+                self._b.popitem(last=False)
+        else:
+            self._b.move_to_end(ident)
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
 
 
 def _open_segment(name: str) -> int:
