@@ -45,8 +45,9 @@ def render_status(st: dict[str, Any]) -> None:
         + ", ".join(f"{k}: {format_size(v)}" for k, v in mem.get("headroom", {}).items())
     )
     console.print(
-        f"errors {st.get('errors', 0)}, slots adopted {st.get('adopted_slots', 0)}, "
-        f"bad slots dropped {st.get('dropped_bad_slots', 0)}"
+        f"errors {st.get('errors', 0)}, rate-limited requests {st.get('rate_limited', 0)}, slots adopted "
+        f"{st.get('adopted_slots', 0)}, bad slots dropped {st.get('dropped_bad_slots', 0)}"
+        + (f"; metrics at {st['metrics']}" if st.get("metrics") else "")
     )
     grp = st.get("group")
     if grp:
