@@ -19,6 +19,7 @@ import pytest
 import zmq
 
 from shardkeep.daemon import keys as keysmod
+from shardkeep.daemon import peerlink
 from shardkeep.daemon.keys import keygen, load_public_dir, load_secret
 from shardkeep.daemon.peerlink import (
     DATA_KINDS,
@@ -728,3 +729,26 @@ def test_bulk_work_runs_below_the_event_loop():
             other.destroy(linger=0)
 
     asyncio.run(main())
+
+
+def test_a_flooding_peer_is_rate_limited_and_others_are_served(keydir, monkeypatch):
+    monkeypatch.setattr(peerlink, "PEER_MAX_RATE", 100.0)
+
+    async def main():
+        n0 = await Node(security(keydir, 0)).start()
+        n1 = await Node(security(keydir, 1)).start()
+        n2 = await Node(security(keydir, 2)).start()
+        try:
+            c1 = n1.client(0, n0.server.endpoint, timeout=5)
+            c2 = n2.client(0, n0.server.endpoint, timeout=5)
+            results = await asyncio.gather(*(c1.request("heartbeat", {"gen": 1}) for _ in range(600)),
+                                           return_exceptions=True)
+            limited = [r for r in results if isinstance(r, UnavailableError)]
+            assert limited and all("rate limit" in str(e) and "node 1" in str(e) for e in limited)
+            assert len(results) - len(limited) >= 200  # the burst, at least
+            assert (await c2.request("heartbeat", {"gen": 1})).fields["src"] == 2  # node 2 is not held back
+        finally:
+            for n in (n0, n1, n2):
+                await n.close()
+
+    run(main())

@@ -74,6 +74,8 @@ from shardkeep.proto.errors import (
     from_wire,
 )
 
+from .ratelimit import TokenBuckets
+
 log = logging.getLogger("shardkeep.peer")
 
 __all__ = [
@@ -104,6 +106,7 @@ PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 MAX_NODES = 4096
 MAX_PEER_HEADER_BYTES = 64 << 10          # a control header frame
 MAX_CONTROL_PAYLOAD_BYTES = 64 << 20      # one control payload frame
+PEER_MAX_RATE = 50_000.0                  # control messages/s from one peer (a group commit sends hundreds)
 MAX_CONTROL_FRAMES = 4                    # header + payload frames
 MAX_DATA_HEADER_BYTES = 16 << 10          # a data-plane header frame
 MAX_DATA_PAYLOAD_BYTES = 64 << 20         # one data-plane payload: split larger transfers
@@ -713,6 +716,7 @@ class ControlServer:
         self.instance = f"node-{self.security.node}"
         self.received = 0
         self.rejected = 0
+        self._limiter = TokenBuckets(PEER_MAX_RATE)
         self.handler_errors = 0
         self.last_seen: dict[int, float] = {}   # node -> time.monotonic() of its last valid message
         self._sock: zmq.asyncio.Socket | None = None
@@ -799,6 +803,10 @@ class ControlServer:
         if src is None:
             self._reject(rid, _peek_id(body), None, PermissionDeniedError(
                 "the sender of this message is not an identified group member"))
+            return
+        if not self._limiter.allow(src):
+            self._reject(rid, _peek_id(body), src, UnavailableError(
+                f"rate limit: more than {PEER_MAX_RATE:g} control messages/s from node {src}"))
             return
         try:
             mtype, mid, fields, payload = decode_peer_request(body)

@@ -43,6 +43,7 @@ from .arena import SHM_DIR, Slot, create_slot, open_existing, verify_slot
 from .codec import cpu_by_thread_role, lower_thread_priority
 from .config import DaemonConfig
 from .jobs import JobState
+from .ratelimit import TokenBuckets
 
 log = logging.getLogger("shardkeep.daemon")
 
@@ -66,7 +67,7 @@ class Daemon:
         self.adopted = 0
         self.metrics_port = 0
         self.rate_limited = 0
-        self._limiter = _RateLimiter(cfg.max_request_rate) if cfg.max_request_rate > 0 else None
+        self._limiter = TokenBuckets(cfg.max_request_rate) if cfg.max_request_rate > 0 else None
         self.tokens = None   # multi-user mode: job -> token digest (multiuser.Tokens)
         self.fd_server = None
         self.dropped_bad = 0
@@ -772,30 +773,6 @@ class Daemon:
             "group": self.group.status() if self.group is not None else None,
             "recover": self.recover_progress or None,
         }
-
-
-class _RateLimiter:
-    """A token bucket per client connection (ROUTER identity): ``rate`` requests/s, bursts of twice that."""
-
-    def __init__(self, rate: float, max_clients: int = 4096) -> None:
-        self.rate, self.burst, self.max_clients = rate, 2 * rate, max_clients
-        self._b: collections.OrderedDict[bytes, list[float]] = collections.OrderedDict()
-
-    def allow(self, ident: bytes) -> bool:
-        now = time.monotonic()
-        b = self._b.get(ident)
-        if b is None:
-            b = self._b[ident] = [self.burst, now]
-            if len(self._b) > self.max_clients:  # the least recently heard connection's bucket goes
-                self._b.popitem(last=False)
-        else:
-            self._b.move_to_end(ident)
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-        if b[0] < 1.0:
-            return False
-        b[0] -= 1.0
-        return True
 
 
 def _open_segment(name: str) -> int:
