@@ -61,7 +61,11 @@ def restore():
     step = s.restore(back)
     s.close()
     return [step, bool(torch.equal(back["w"], state["w"])), back["meta"]]
-attempt("restore", restore)
+if what == "finish":
+    attempt("finish", lambda: Snapshotter(socket=sock, job=job, rank=0, world_size=1, token=token).finish()
+            or "finished")
+else:
+    attempt("restore", restore)
 for name in sys.argv[8:]:
     attempt("open " + name, lambda: os.open("/dev/shm/" + name, os.O_RDWR) and "opened")
     attempt("fd " + name, lambda: fetch_fd(sock + ".fds", job, token, name) and "got a descriptor")
@@ -157,6 +161,9 @@ def test_jobs_of_several_users_share_a_daemon_and_stay_apart(users, mu_daemon, j
     assert "wrong job token" in again["restore"], again
     back = as_user(users, "member", d, job_id, token, "peek")
     assert back["restore"] == [1, True, {"step": 1}], back
+    # the other job ends with snap.finish(), which carries its token: its segments go
+    done = as_user(users, "member", d, other, token_b, "finish")
+    assert done["finish"] == "finished" and not list(SHM.glob(f"{d.prefix}-{other}-r0-*")), done
     # releasing a job takes its token too
     from conftest import shardkeep_cmd
 

@@ -354,7 +354,8 @@ class Snapshotter:
         """The run is over: free this job's memory on the daemon (every rank's versions)."""
         self.close()
         try:
-            Channel(self.socket, timeout=self.timeout).request("finish", {"job": self.job})
+            Channel(self.socket, timeout=self.timeout).request(
+                "finish", {"job": self.job, **({"token": self.token} if self.token else {})})
         except NotFoundError:
             pass
 
