@@ -817,6 +817,8 @@ class GroupCommit:
         s, off, n = f.get("stripe", 0), f.get("offset", 0), f.get("length", 0)
         if n > PIECE * 4:
             raise ProtocolError(f"fetch of {n} bytes: at most {PIECE * 4} per request")
+        if what == "payload":  # a remote reader: bytes of this node's own payload (its ranks' data, rank order)
+            return {}, [await self.read_payload(v, off, n)]
         if what == "data":
             a, b = self._chunk(v, self.node, s)
             if s not in self.p.data_stripes(self.node) or off + n > b - a:
@@ -837,6 +839,21 @@ class GroupCommit:
         if v.released:
             self._retire(v)
         return {}, [data]
+
+    def group_version(self, job: str, step: int | None = None) -> tuple[int, int] | None:
+        """(step, epoch) of the newest group-level version of ``job`` (or of ``step``), None if none."""
+        found = [(st, ep) for (j, st, ep), v in self.versions.items()
+                 if j == job and v.decided == "commit" and v.views is not None and (step is None or st == step)]
+        return max(found) if found else None
+
+    async def read_payload(self, v: _Version, off: int, n: int) -> bytes:
+        """Bytes [off, off + n) of this node's payload of ``v`` (copied out of shm in a thread)."""
+        total = sum(len(x) for x in v.views or ())
+        if v.views is None or off + n > total:
+            raise ProtocolError(f"node {self.node} has no payload bytes {off}+{n} of job {v.job!r} step {v.step} "
+                                f"(it holds {total})")
+        pieces = [mv for _, mv in _slices(v.views, off, off + n)]
+        return await asyncio.get_running_loop().run_in_executor(self.copier, b"".join, pieces)
 
     def adopt_rebuilt(self, job: str, step: int, sizes: dict[int, int], manifests: dict[int, bytes],
                       views: list[memoryview], parity: Segment, layout: dict[int, tuple[int, int]],

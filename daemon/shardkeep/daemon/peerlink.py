@@ -188,7 +188,7 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
                      {"history": HISTORY, "files": _list(_str(4096), 1 << 16), "bytes": SIZE}, 0),
     # remote read and rebuild
     "fetch": ({"job": _job, "step": STEP},
-              {"history": HISTORY, "rank": RANK, "stripe": NODE, "what": _enum("data", "parity", "manifest"),
+              {"history": HISTORY, "rank": RANK, "stripe": NODE, "what": _enum("data", "parity", "manifest", "payload"),
                "offset": SIZE, "length": SIZE, "reply_via": _enum("control", "data")}, 0),
     # which versions this node holds at group level (a replacement asks before it rebuilds)
     "inventory": ({}, {}, 0),

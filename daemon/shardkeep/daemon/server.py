@@ -359,7 +359,8 @@ class Daemon:
                 log.warning("rejected message: %s", err)
                 await sock.send_multipart(envelope + wire.encode_error(wire.peek_id(body), err, self.instance))
                 continue
-            if msg.type in ("register", "wait", "recover") or (msg.type == "versions" and self.group is not None):
+            if msg.type in ("register", "wait", "recover", "locate", "read") or (
+                    msg.type == "versions" and self.group is not None):
                 asyncio.create_task(self._reply_async(sock, envelope, msg))
             else:
                 reply = self._handle_sync(msg)
@@ -368,9 +369,10 @@ class Daemon:
     async def _reply_async(self, sock, envelope, msg: wire.Message) -> None:
         try:
             handler = {"register": self.h_register, "wait": self.h_wait, "recover": self.h_recover,
-                       "versions": self.h_versions_group}[msg.type]
-            fields = await handler(msg.fields)
-            reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance})
+                       "versions": self.h_versions_group, "locate": self.h_locate, "read": self.h_read}[msg.type]
+            result = await handler(msg.fields)
+            fields, payload = result if isinstance(result, tuple) else (result, [])
+            reply = wire.encode(wire.REPLY_OK, msg.id, {**fields, "instance": self.instance}, payload)
         except ShardkeepError as exc:
             reply = self._error(msg, exc)
         except Exception as exc:  # never let one request take the daemon down
@@ -679,6 +681,59 @@ class Daemon:
                 f"step {step} at group level: this node lost its memory or was replaced; run `shardkeep recover` "
                 "on it before restoring")
         return out
+
+    async def h_locate(self, f: dict[str, Any]) -> tuple[dict, list]:
+        """Where a version's ranks are: the newest group-level version of the job (or ``step``), else the
+        newest local one; the reply's payload is msgpack ``{node: {rank: manifest}}``."""
+        self._check_token(f["job"], f)
+        job_id, want = f["job"], f.get("step")
+        gc = self.group.gc if self.group is not None else None
+        found = gc.group_version(job_id, want) if gc is not None else None
+        if found is not None:
+            step, epoch = found
+            by_node = {node: msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                       for node, raw in gc.manifests_of(job_id, step, epoch).items()}
+            return ({"step": step, "epoch": epoch, "level": "group", "node": self.group.node},
+                    [msgpack.packb(by_node, use_bin_type=True)])
+        job = self.jobs.get(job_id)
+        steps = [s for s in (job.restorable() if job is not None else []) if want is None or s == want]
+        if not steps:
+            what = f"step {want}" if want is not None else "any version"
+            raise NotFoundError(f"job {job_id!r}: this daemon knows {what} neither at group level nor locally")
+        step = steps[0]
+        assert job is not None
+        node = self.group.node if self.group is not None else 0
+        mine = {}
+        for r in job.local_ranks():
+            slot = job.find(r, step)
+            mine[r] = bytes(slot.mm[slot.header.manifest_offset : slot.header.manifest_offset + slot.header.manifest_len])
+        return ({"step": step, "epoch": 0, "level": "local", "node": node},
+                [msgpack.packb({node: mine}, use_bin_type=True)])
+
+    async def h_read(self, f: dict[str, Any]) -> tuple[dict, list]:
+        """Bytes of node ``node``'s payload of a group-level version (its ranks' data in rank order),
+        from this node's own copy or fetched from that node over the peer plane."""
+        self._check_token(f["job"], f)
+        if self.group is None or self.group.gc is None:
+            raise NotFoundError("read: this daemon is not in a group; only its own ranks can be read (open)")
+        job, step, epoch, node = f["job"], f["step"], f.get("epoch", 0), f["node"]
+        gc = self.group.gc
+        if node == self.group.node:
+            v = gc.versions.get((job, step, epoch))
+            if v is None or v.decided != "commit":
+                raise NotFoundError(f"node {node} holds no group-level version of job {job!r} step {step}")
+            return {}, [await gc.read_payload(v, f["offset"], f["length"])]
+        if node not in self.group.clients:
+            raise NotFoundError(f"read: node {node} is not in this group")
+        if not self.group.peer_up(node):
+            raise UnavailableError(f"read: node {node} is down; its data of job {job!r} step {step} needs "
+                                   "`shardkeep recover` on its replacement first")
+        r = await self.group.clients[node].request(
+            "fetch", {"job": job, "step": step, "epoch": epoch, "what": "payload", "offset": f["offset"],
+                      "length": f["length"]}, timeout=self.cfg.timeouts.rebuild_chunk)
+        if len(r.payload) != 1 or len(r.payload[0]) != f["length"]:
+            raise IntegrityError(f"node {node} sent {sum(len(x) for x in r.payload)} bytes for {f['length']}")
+        return {}, [r.payload[0]]
 
     def h_open(self, f, payload):
         self._check_token(f["job"], f)

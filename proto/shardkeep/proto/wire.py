@@ -23,6 +23,7 @@ MAX_PAYLOAD_BYTES = 512 << 20       # one payload frame (manifests)
 MAX_FRAMES = 4                      # header + payload frames
 MAX_STEP = (1 << 63) - 1
 MAX_RANK = 1 << 20
+MAX_READ = 16 << 20                 # bytes of one ``read`` reply
 
 
 _int, _str, _bool, _job = int_range, str_max, boolean, job_id
@@ -57,6 +58,10 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "wait": ({"job": _job, "step": STEP}, {"timeout": _int(1, 3_600_000)}, 0),
     "recover": ({}, {}, 0),
     "ping": ({}, {}, 0),
+    # remote reads (the DCP StorageReader): where a version's ranks are, and bytes of another node's payload
+    "locate": ({"job": _job}, {"step": STEP, "token": JOB_TOKEN}, 0),
+    "read": ({"job": _job, "step": STEP, "node": _int(0, 4095), "offset": SIZE, "length": _int(1, MAX_READ)},
+             {"epoch": EPOCH, "token": JOB_TOKEN}, 0),
 }
 
 REPLY_OK = "ok"

@@ -1,0 +1,583 @@
+"""A ``torch.distributed.checkpoint`` storage backend over shardkeep's daemons.
+
+``dcp.save(state, storage_writer=ShardkeepWriter(...), checkpoint_id=step)``
+(or ``dcp.async_save``) puts each rank's items into its node's shared memory
+as one version of a shardkeep job (erasure-coded across the group like any
+snapshot); ``dcp.load(state, storage_reader=ShardkeepReader(...))`` reads them
+back at any world size, on any node of the group: a rank's own node serves
+its data from shm, the others' over the daemons' peer data plane. DCP's
+planner does the resharding; this module only stores and finds chunks.
+
+Nothing here pickles. DCP's global metadata travels as msgpack in the
+coordinator's version; non-tensor values (DCP's "bytes" items) are stored as
+shardkeep leaves (None, bool, int, float, str, bytes and lists, tuples and
+dicts of them), so a value of another type is refused at save time with its
+key. At load time such a value is handed to the planner as a ``torch.save`` of
+the decoded leaf, made in this process, never bytes read from shm or a peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import re
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+
+from shardkeep.proto import wire
+from shardkeep.proto.config import DEFAULT_TIMEOUTS, default_socket
+from shardkeep.proto.errors import IntegrityError, NotFoundError, ProtocolError, ShardkeepError
+from shardkeep.proto.leaves import unpack_skeleton
+from shardkeep.proto.manifest import Manifest, checksum
+from shardkeep.proto.transport import Channel
+
+from .copier import dst_view
+from .snapshotter import Snapshotter, _torch_dtype, resolve_job
+from .shm import SlotMaps
+
+log = logging.getLogger("shardkeep.dcp")
+
+FORMAT = 1       # of the "dcp" map in each rank's version
+KEY = "dcp"      # the top-level key of that map in the version's state
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def parse_step(checkpoint_id: Any) -> int:
+    """A DCP ``checkpoint_id`` as a shardkeep step: an int, or a string ending in one (``"step-120"``)."""
+    if isinstance(checkpoint_id, int) and not isinstance(checkpoint_id, bool):
+        step = checkpoint_id
+    else:
+        m = re.search(r"(\d+)/*$", os.fspath(checkpoint_id)) if isinstance(checkpoint_id, (str, os.PathLike)) else None
+        if m is None:
+            raise ValueError(f"checkpoint_id {checkpoint_id!r} names no step: shardkeep keeps DCP checkpoints as "
+                             "versions of a job by step; pass checkpoint_id=<step> (an int, or a string that "
+                             "ends in one, like 'step-120')")
+        step = int(m.group(1))
+    if not 0 <= step <= wire.MAX_STEP:
+        raise ValueError(f"checkpoint_id {checkpoint_id!r}: step {step} out of range")
+    return step
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _default_job(job: str | None) -> str:
+    return resolve_job(job) if job is not None else resolve_job(None) + "-dcp"
+
+
+# --- DCP metadata as msgpack --------------------------------------------------------------------
+
+
+def _props_to_wire(p: TensorProperties) -> dict:
+    return {"dtype": str(p.dtype).removeprefix("torch."), "layout": str(p.layout).removeprefix("torch."),
+            "requires_grad": bool(p.requires_grad), "memory_format": str(p.memory_format).removeprefix("torch."),
+            "pin_memory": bool(p.pin_memory)}
+
+
+def _props_from_wire(d: dict) -> TensorProperties:
+    def attr(name: str, kind: type) -> Any:
+        v = getattr(torch, str(d[name]), None)
+        if not isinstance(v, kind):
+            raise IntegrityError(f"DCP metadata: unknown {name} {d[name]!r}")
+        return v
+
+    return TensorProperties(dtype=attr("dtype", torch.dtype), layout=attr("layout", torch.layout),
+                            requires_grad=bool(d["requires_grad"]),
+                            memory_format=attr("memory_format", torch.memory_format),
+                            pin_memory=bool(d["pin_memory"]))
+
+
+def encode_metadata(md: Metadata) -> bytes:
+    sd: dict[str, Any] = {}
+    for fqn, v in md.state_dict_metadata.items():
+        if isinstance(v, BytesStorageMetadata):
+            sd[fqn] = {"kind": "bytes"}
+        elif isinstance(v, TensorStorageMetadata):
+            sd[fqn] = {"kind": "tensor", "properties": _props_to_wire(v.properties), "size": list(v.size),
+                       "chunks": [[list(c.offsets), list(c.sizes)] for c in v.chunks]}
+        else:
+            raise TypeError(f"DCP metadata of {fqn!r}: {type(v).__name__} is not supported by shardkeep")
+    planner_data = None
+    if isinstance(md.planner_data, dict):
+        planner_data = {k: list(path) for k, path in md.planner_data.items()}
+    return msgpack.packb({"format": FORMAT, "state_dict": sd, "planner_data": planner_data,
+                          "version": md.version}, use_bin_type=True)
+
+
+def decode_metadata(raw: bytes) -> Metadata:
+    try:
+        d = msgpack.unpackb(raw, raw=False)
+        if d.get("format") != FORMAT:
+            raise IntegrityError(f"DCP metadata format {d.get('format')!r}, this client reads {FORMAT}")
+        sd: dict[str, Any] = {}
+        for fqn, v in d["state_dict"].items():
+            if v["kind"] == "bytes":
+                sd[fqn] = BytesStorageMetadata()
+            else:
+                sd[fqn] = TensorStorageMetadata(
+                    properties=_props_from_wire(v["properties"]), size=torch.Size(v["size"]),
+                    chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in v["chunks"]])
+        pd = d.get("planner_data")
+        planner_data = {k: tuple(path) for k, path in pd.items()} if isinstance(pd, dict) else None
+        return Metadata(state_dict_metadata=sd, planner_data=planner_data, version=d.get("version"))
+    except (KeyError, TypeError, ValueError, AttributeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"DCP metadata is unreadable: {exc!r}") from None
+
+
+def metadata_from_plans(plans: list[SavePlan]) -> Metadata:
+    """What DCP's default planner builds from the ranks' plans (for planners that keep none)."""
+    md: dict[str, Any] = {}
+    planner_data: dict = {}
+    for plan in plans:
+        if isinstance(plan.planner_data, dict):
+            planner_data.update(plan.planner_data)
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                md[item.index.fqn] = BytesStorageMetadata()
+                continue
+            td = item.tensor_data
+            tmd = md.setdefault(item.index.fqn, TensorStorageMetadata(properties=td.properties, size=td.size,
+                                                                      chunks=[]))
+            tmd.chunks.append(td.chunk)
+    return Metadata(state_dict_metadata=md, planner_data=planner_data or None)
+
+
+def _check_leaf(obj: Any, fqn: str) -> None:
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_leaf(v, fqn)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_leaf(k, fqn)
+            _check_leaf(v, fqn)
+        return
+    raise TypeError(
+        f"DCP item {fqn!r}: a {type(obj).__module__}.{type(obj).__qualname__} is neither a tensor nor a plain "
+        "value; shardkeep keeps non-tensor state as msgpack (None, bool, int, float, str, bytes, and lists, "
+        "tuples and dicts of them), never pickle. Convert it (or make it a tensor) before saving")
+
+
+# --- writer -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredAt:
+    """Where a DCP chunk lives: the saving rank and its position in that rank's items."""
+
+    rank: int
+    item: int
+    kind: str = "tensor"   # or "bytes"
+
+
+class ShardkeepWriter(StorageWriter):
+    """``dcp.save`` / ``dcp.async_save`` into the local shardkeep daemon (and its group).
+
+    ``job``: the shardkeep job that holds the checkpoints (default: the job id
+    from the environment, as for ``Snapshotter``, plus ``-dcp``, so it never
+    mixes with a ``Snapshotter``'s versions). ``checkpoint_id`` of each save is
+    its step. ``durability="group"`` (default) returns once the version is
+    erasure-coded across the group (or says in the log why it stayed local).
+    """
+
+    def __init__(self, job: str | None = None, *, socket: str | None = None, token: str | None = None,
+                 durability: str = "group", timeout: float = DEFAULT_TIMEOUTS.client_request,
+                 local_world_size: int | None = None, slots: int | None = None) -> None:
+        super().__init__()
+        self.job = _default_job(job)
+        self.socket = socket or default_socket()
+        self.token = token if token is not None else os.environ.get("SHARDKEEP_JOB_TOKEN") or None
+        self.durability = durability
+        self.timeout = timeout
+        self.local_world_size = local_world_size
+        self.slots = slots
+        self.step: int | None = None
+        self.is_coordinator = False
+        self._plans_md: Metadata | None = None
+        self._snap: Snapshotter | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.step = parse_step(checkpoint_id)
+        elif self.step is None:
+            raise ValueError("ShardkeepWriter: pass checkpoint_id=<step> to dcp.save/async_save")
+        self._plans_md = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            parse_step(checkpoint_id)
+            return True
+        except ValueError:
+            return False
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        if self._snap is None:
+            dist = _dist()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+            lws = self.local_world_size
+            if lws is None:
+                env = os.environ.get("LOCAL_WORLD_SIZE")
+                lws = int(env) if env else world
+            self._snap = Snapshotter(self.socket, self.job, rank=rank, world_size=world,
+                                     local_rank=int(os.environ.get("LOCAL_RANK", rank % lws)),
+                                     local_world_size=lws, durability=self.durability, rng=False,
+                                     timeout=self.timeout, slots=self.slots, token=self.token)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._plans_md = metadata_from_plans(plans)
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if self._snap is None or self.step is None:
+            raise RuntimeError("ShardkeepWriter.write_data before set_up_storage_writer/reset")
+        tensors: list = []
+        leaves: list = []
+        results: list[WriteResult] = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                lookup = getattr(planner, "lookup_object", None)
+                if lookup is None:
+                    raise TypeError(f"DCP item {fqn!r}: the planner {type(planner).__name__} cannot hand over the "
+                                    "value itself (lookup_object), and shardkeep never stores pickled bytes")
+                obj = lookup(item.index)
+                _check_leaf(obj, fqn)
+                results.append(WriteResult(item.index, 0, StoredAt(self._snap.rank, len(leaves), "bytes")))
+                leaves.append([fqn, obj])
+                continue
+            t = planner.resolve_data(item)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"DCP item {fqn!r}: the planner resolved a {type(t).__name__}, not a tensor")
+            t = t.detach()
+            offsets = list(item.index.offset) if item.index.offset is not None else []
+            results.append(WriteResult(item.index, t.numel() * t.element_size(),
+                                       StoredAt(self._snap.rank, len(tensors))))
+            tensors.append([fqn, offsets, t])
+        body: dict[str, Any] = {"format": FORMAT, "tensors": tensors, "bytes": leaves}
+        if self.is_coordinator:
+            md = getattr(planner, "metadata", None)
+            if not isinstance(md, Metadata):
+                md = self._plans_md
+            if md is None:
+                raise RuntimeError("ShardkeepWriter: the coordinator has no global metadata for this save")
+            body["metadata"] = encode_metadata(md)
+        res = self._snap.snapshot({KEY: body}, self.step).result(timeout=self.timeout * 10 + 120)
+        if res.status != "committed":
+            raise ShardkeepError(f"DCP save of job {self.job!r} step {self.step} on rank {self._snap.rank} "
+                                 f"was not stored: {res.reason}")
+        if self.durability == "group" and res.level != "group" and res.reason:
+            log.warning("job %s step %d: DCP checkpoint kept at %s level only: %s", self.job, self.step, res.level,
+                        res.reason)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop the background copier (the checkpoints stay in the daemons)."""
+        if self._snap is not None:
+            self._snap.close()
+            self._snap = None
+
+    def __enter__(self) -> "ShardkeepWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --- reader -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Rank:
+    node: int
+    offset: int         # of this rank's data in its node's payload
+    manifest: Manifest
+    body: dict          # the "dcp" map of its skeleton
+
+
+class ShardkeepReader(StorageReader):
+    """``dcp.load`` from shardkeep's daemons, at any world size and on any node of the group.
+
+    ``checkpoint_id`` (or ``step=``) picks the step; without either, the newest
+    version the group holds (at group level where there is one).
+    """
+
+    def __init__(self, job: str | None = None, *, socket: str | None = None, token: str | None = None,
+                 step: int | None = None, timeout: float = DEFAULT_TIMEOUTS.client_request) -> None:
+        super().__init__()
+        self.job = _default_job(job)
+        self.socket = socket or default_socket()
+        self.token = token if token is not None else os.environ.get("SHARDKEEP_JOB_TOKEN") or None
+        self.timeout = timeout
+        self.want = step
+        self.step: int | None = None
+        self.epoch = 0
+        self.node = 0
+        self.ranks: dict[int, _Rank] = {}
+        self.metadata: Metadata | None = None
+        self.bytes_local = 0
+        self.bytes_remote = 0
+        self._chan: Channel | None = None
+        self._maps = SlotMaps()
+
+    # plumbing
+    def _request(self, mtype: str, fields: dict) -> wire.Message:
+        if self._chan is None:
+            self._chan = Channel(self.socket, timeout=self.timeout)
+        if self.token:
+            fields = {**fields, "token": self.token}
+        reply = self._chan.request(mtype, fields)
+        if "fd_socket" in reply.fields:
+            self._maps.use_fd_socket(str(reply.fields["fd_socket"]), self.job, self.token)
+        return reply
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.want = parse_step(checkpoint_id)
+        self.metadata = None
+        self.ranks = {}
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return ShardkeepWriter.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        fields: dict[str, Any] = {"job": self.job}
+        if self.want is not None:
+            fields["step"] = self.want
+        r = self._request("locate", fields)
+        self.step, self.epoch, self.node = int(r.fields["step"]), int(r.fields.get("epoch", 0)), int(r.fields["node"])
+        if len(r.payload) != 1:
+            raise ProtocolError("locate reply without its manifests")
+        try:
+            by_node = msgpack.unpackb(r.payload[0].bytes if hasattr(r.payload[0], "bytes") else r.payload[0],
+                                      raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise IntegrityError(f"locate: manifests unreadable: {exc!r}") from None
+        ranks: dict[int, _Rank] = {}
+        for node, mine in sorted(by_node.items()):
+            if isinstance(mine, (bytes, bytearray)):  # a node's manifests as it sent them with its local-commit
+                mine = msgpack.unpackb(mine, raw=False, strict_map_key=False)
+            offset = 0
+            for rank in sorted(mine):
+                m = Manifest.decode(mine[rank], 1 << 62)
+                if (m.job, m.rank, m.step) != (self.job, int(rank), self.step):
+                    raise IntegrityError(f"locate: node {node} sent the manifest of {m.job!r} rank {m.rank} step "
+                                         f"{m.step} for rank {rank} of {self.job!r} step {self.step}")
+                try:
+                    sk = unpack_skeleton(m.skeleton)
+                except ProtocolError as exc:
+                    raise IntegrityError(f"rank {rank} step {self.step}: skeleton unreadable: {exc}") from None
+                body = sk.get(KEY) if isinstance(sk, dict) else None
+                if not isinstance(body, dict) or body.get("format") != FORMAT:
+                    raise IntegrityError(f"job {self.job!r} step {self.step} rank {rank} holds no DCP checkpoint "
+                                         "(was it written by a Snapshotter rather than ShardkeepWriter?)")
+                ranks[int(rank)] = _Rank(int(node), offset, m, body)
+                offset += m.data_bytes
+        world = {m.manifest.world_size for m in ranks.values()}
+        if len(world) != 1 or sorted(ranks) != list(range(next(iter(world)))):
+            raise NotFoundError(f"job {self.job!r} step {self.step}: the group holds ranks {sorted(ranks)} of a "
+                                f"world of {sorted(world)}; a rank's node is missing (recover it first)")
+        metas = [r.body["metadata"] for r in ranks.values() if "metadata" in r.body]
+        if len(metas) != 1:
+            raise IntegrityError(f"job {self.job!r} step {self.step}: {len(metas)} ranks hold DCP's metadata")
+        md = decode_metadata(metas[0])
+        storage: dict[MetadataIndex, StoredAt] = {}
+        for rank, info in ranks.items():
+            for i, (fqn, offsets, _ref) in enumerate(info.body["tensors"]):
+                storage[MetadataIndex(fqn, offsets or None)] = StoredAt(rank, i)
+            for i, (fqn, _v) in enumerate(info.body["bytes"]):
+                storage[MetadataIndex(fqn)] = StoredAt(rank, i, "bytes")
+        md.storage_data = storage
+        self.ranks, self.metadata = ranks, md
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if self.metadata is None:
+            self.read_metadata()
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self.metadata is not None
+        by_rank: dict[int, list] = {}
+        for item in plan.items:
+            where = self.metadata.storage_data.get(item.storage_index)
+            if where is None:
+                raise NotFoundError(f"DCP item {item.storage_index.fqn!r} (offset {item.storage_index.offset}) is "
+                                    f"in no rank of job {self.job!r} step {self.step}")
+            by_rank.setdefault(where.rank, []).append((item, where))
+        for rank, items in sorted(by_rank.items()):
+            info = self.ranks[rank]
+            need = {info.body["tensors"][w.item][2].index for _, w in items if w.kind == "tensor"}
+            with self._open_rank(rank, info, need) as views:
+                for item, where in items:
+                    if item.type == LoadItemType.BYTE_IO:
+                        if where.kind != "bytes":
+                            raise IntegrityError(f"DCP item {item.storage_index.fqn!r} is stored as a tensor")
+                        buf = io.BytesIO()
+                        torch.save(info.body["bytes"][where.item][1], buf)
+                        buf.seek(0)
+                        planner.load_bytes(item, buf)
+                        continue
+                    if where.kind != "tensor":
+                        raise IntegrityError(f"DCP item {item.storage_index.fqn!r} is stored as a value")
+                    src = views[info.body["tensors"][where.item][2].index]
+                    for dim, (off, n) in enumerate(zip(item.storage_offsets, item.lengths)):
+                        if off != 0 or n != src.size(dim):
+                            src = src.narrow(dim, off, n)
+                    target = planner.resolve_tensor(item).detach()
+                    if target.size() != src.size():
+                        raise IntegrityError(f"DCP item {item.storage_index.fqn!r}: stored chunk {tuple(src.size())} "
+                                             f"for a target of {tuple(target.size())}")
+                    target.copy_(src)
+                    planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _open_rank(self, rank: int, info: _Rank, need: set[int]):
+        return _LocalRank(self, rank, info, need) if info.node == self.node else _RemoteRank(self, rank, info, need)
+
+    def close(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        self._maps.clear()
+
+    def __enter__(self) -> "ShardkeepReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _chunks_of(m: Manifest, need: set[int]) -> list[int]:
+    """The manifest chunks (checksummed units) that hold the needed tensors."""
+    out: set[int] = set()
+    for i in need:
+        e = m.tensors[i]
+        if e.nbytes:
+            out.update(range(e.offset // m.chunk, (e.offset + e.nbytes - 1) // m.chunk + 1))
+    return sorted(out)
+
+
+def _verify(m: Manifest, data: torch.Tensor, chunks: list[int], where: str) -> None:
+    mv = memoryview(data.numpy())
+    try:
+        for c in chunks:
+            a, b = c * m.chunk, min((c + 1) * m.chunk, m.data_bytes)
+            if checksum(mv[a:b]) != m.checksums[c]:
+                raise IntegrityError(f"{where}: checksum mismatch in chunk {c} (bytes {a}..{b})", chunk=c)
+    finally:
+        mv.release()
+
+
+def _views(m: Manifest, region: torch.Tensor, need: set[int]) -> dict[int, torch.Tensor]:
+    return {i: dst_view(region, m.tensors[i], _torch_dtype(m.tensors[i].dtype)) for i in need}
+
+
+class _LocalRank:
+    """A rank this node holds: pin its slot, map it, verify the chunks read, unpin."""
+
+    def __init__(self, reader: ShardkeepReader, rank: int, info: _Rank, need: set[int]) -> None:
+        self.r, self.rank, self.info, self.need = reader, rank, info, need
+        self.pin: str | None = None
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        r, m = self.r, self.info.manifest
+        reply = r._request("open", {"job": r.job, "rank": self.rank, "step": r.step})
+        self.pin = reply.fields["pin"]
+        desc = reply.fields["slot"]
+        mapping = r._maps.get(desc["name"], desc["size"])
+        raw = bytes(mapping.mm[desc["manifest_offset"] : desc["manifest_offset"] + int(reply.fields["manifest_len"])])
+        if checksum(raw) != reply.fields["manifest_xxh"]:
+            raise IntegrityError(f"rank {self.rank} step {r.step}: the slot's manifest does not match its checksum")
+        try:
+            local = Manifest.decode(raw, desc["data_capacity"])
+        except ProtocolError as exc:
+            raise IntegrityError(f"rank {self.rank} step {r.step}: manifest unreadable: {exc}") from None
+        if local.checksums != m.checksums or local.data_bytes != m.data_bytes:
+            raise IntegrityError(f"rank {self.rank} step {r.step}: the local slot does not hold the located version")
+        doff = desc["data_offset"]
+        region = mapping.u8[doff : doff + max(m.data_bytes, 1)]
+        _verify(m, region, _chunks_of(m, self.need), f"rank {self.rank} step {r.step}")
+        r.bytes_local += sum(m.tensors[i].nbytes for i in self.need)
+        return _views(m, region, self.need)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pin is not None:
+            try:
+                self.r._request("release", {"job": self.r.job, "rank": self.rank, "pin": self.pin})
+            except ShardkeepError as e:
+                log.warning("release of rank %d step %s failed: %s", self.rank, self.r.step, e)
+
+
+class _RemoteRank:
+    """A rank another node holds: fetch the chunks of the needed tensors over the peer plane, verify them."""
+
+    def __init__(self, reader: ShardkeepReader, rank: int, info: _Rank, need: set[int]) -> None:
+        self.r, self.rank, self.info, self.need = reader, rank, info, need
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        r, m = self.r, self.info.manifest
+        buf = torch.empty(max(m.data_bytes, 1), dtype=torch.uint8)  # pages appear only where chunks land
+        chunks = _chunks_of(m, self.need)
+        runs: list[list[int]] = []
+        for c in chunks:
+            if runs and runs[-1][1] == c * m.chunk:
+                runs[-1][1] = min((c + 1) * m.chunk, m.data_bytes)
+            else:
+                runs.append([c * m.chunk, min((c + 1) * m.chunk, m.data_bytes)])
+        np_buf = buf.numpy()
+        for a, b in runs:
+            for off in range(a, b, wire.MAX_READ):
+                n = min(wire.MAX_READ, b - off)
+                reply = r._request("read", {"job": r.job, "step": r.step, "epoch": r.epoch, "node": self.info.node,
+                                            "offset": self.info.offset + off, "length": n})
+                frame = reply.payload[0] if reply.payload else b""
+                data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+                if data.nbytes != n:
+                    raise IntegrityError(f"node {self.info.node} sent {data.nbytes} bytes of rank {self.rank} for {n}")
+                np_buf[off : off + n] = np.frombuffer(data, dtype=np.uint8)
+                r.bytes_remote += n
+        _verify(m, buf, chunks, f"rank {self.rank} step {r.step} (from node {self.info.node})")
+        return _views(m, buf, self.need)
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
