@@ -636,9 +636,14 @@ class Daemon:
         job = self._job(f["job"])
         job.check_session(f["rank"], f["session"])
         slot = job.slot_by_id(f["rank"], f["slot"])
+        epoch = getattr(slot, "epoch", 0) if slot.step == f["step"] else 0
         if slot.state == STATE_WRITING and slot.step == f["step"]:
             slot.mark_free()
-        job.abort_step(f["step"], f"rank {f['rank']} aborted: {f.get('reason', 'client error')}")
+        why = f"rank {f['rank']} aborted: {f.get('reason', 'client error')}"
+        job.abort_step(f["step"], why)
+        if self.group is not None:  # as for a skip at begin: the other nodes must not wait for this node's part
+            self.group.broadcast_soon("skip", {"job": job.job, "step": f["step"], "epoch": epoch,
+                                               "ranks": [f["rank"]], "reason": why[:200]})
         return {}
 
     def h_versions(self, f, payload):
