@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from groupjob import start_group
 from test_group_membership import free_ports
 from trainerproc import assert_bitwise_equal
 
@@ -23,12 +24,47 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _torchrun(script: str, args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    port = free_ports(1)[0]
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-addr", "127.0.0.1", "--master-port", str(port), str(EXAMPLES / script),
-                             *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+class Launch:
+    """One torchrun agent per node (``--nnodes``), each with one rank and the socket of its own node's daemon,
+    as a multi-node job runs: the ranks are spread over the daemons of a group."""
+
+    def __init__(self, script: str, args: list[str], env: dict, daemons: list, log: Path) -> None:
+        port = free_ports(1)[0]
+        self.agents = [
+            subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(daemons)),
+                              "--node-rank", str(i), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                              "--master-port", str(port), str(EXAMPLES / script), *args],
+                             env={**env, "SHARDKEEP_SOCKET": d.socket}, stdout=open(log, "ab"),
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            for i, d in enumerate(daemons)]
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [a.wait(timeout=max(1.0, deadline - time.monotonic())) for a in self.agents]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def running(self) -> bool:
+        return all(a.poll() is None for a in self.agents)
+
+    def kill(self) -> None:
+        """SIGKILL to every agent and rank at once (torchrun starts its workers in sessions of their own)."""
+        procs = []
+        for a in self.agents:
+            try:
+                procs += [psutil.Process(a.pid), *psutil.Process(a.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        for a in self.agents:
+            a.wait(timeout=30)
 
 
 def _trace(path: Path) -> dict[int, list[int]]:
@@ -43,47 +79,44 @@ def _trace(path: Path) -> dict[int, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("script,seed", [("train_dp.py", 1), ("train_ddp.py", 2)])
-def test_example_killed_at_a_random_moment_resumes_with_the_same_batches(daemon, job_id, tmp_path, script, seed):
+@pytest.mark.parametrize("script,seed", [("train_dp.py", 1), ("train_ddp.py", 2), ("train_fsdp2.py", 3)])
+def test_example_killed_at_a_random_moment_resumes_with_the_same_batches(make_daemon, job_id, tmp_path, script,
+                                                                         seed):
     pytest.importorskip("torchdata")
+    ds, _ = start_group(make_daemon, 2, 1)  # two nodes, one rank on each
     steps = 150  # 64 batches per epoch and rank: the run crosses two epoch boundaries
-    env = {**os.environ, "SHARDKEEP_SOCKET": daemon.socket, "OMP_NUM_THREADS": "1"}
-    ref = _torchrun(script, ["--steps", str(steps), "--out", str(tmp_path / "ref"),
-                                     "--trace", str(tmp_path / "reftrace")],
-                    {**env, "SHARDKEEP_JOB": f"{job_id}-ref"}, tmp_path / "ref.log")
-    assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = Launch(script, ["--steps", str(steps), "--out", str(tmp_path / "ref"), "--trace", str(tmp_path / "reftrace")],
+                 {**env, "SHARDKEEP_JOB": f"{job_id}-ref"}, ds, tmp_path / "ref.log")
+    assert ref.wait(timeout=300) == [0, 0], (tmp_path / "ref.log").read_text()[-3000:]
 
     run = ["--steps", str(steps), "--out", str(tmp_path / "run")]
-    first = _torchrun(script, [*run, "--trace", str(tmp_path / "trace")], {**env, "SHARDKEEP_JOB": job_id},
-                      tmp_path / "run.log")
+    first = Launch(script, [*run, "--trace", str(tmp_path / "trace")], {**env, "SHARDKEEP_JOB": job_id}, ds,
+                   tmp_path / "run.log")
     k = random.Random(seed).randrange(40, 120)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(_trace(tmp_path / "trace.0")) < k and first.poll() is None:
+    while time.monotonic() < deadline and len(_trace(tmp_path / "trace.0")) < k and first.running():
         time.sleep(0.05)
-    assert first.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-    # torchrun and both ranks at once (torchrun starts its workers in sessions of their own)
-    procs = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
-    first.wait(timeout=30)
+    assert first.running(), (tmp_path / "run.log").read_text()[-3000:]
+    first.kill()
     ran_before = max(_trace(tmp_path / "trace.0"))
-    newest = daemon.job_status(job_id)["restorable"][0]
-    assert ran_before - 8 <= newest <= ran_before, (newest, ran_before)  # the last copies may be in flight or skipped
+    held = [set(d.job_status(job_id)["restorable"]) for d in ds]
+    newest = max(held[0] & held[1])  # what restore() agrees on: the newest version on both nodes
+    assert ran_before - 8 <= newest <= ran_before, (held, ran_before)  # the last copies may be in flight or skipped
 
-    again = _torchrun(script, [*run, "--trace", str(tmp_path / "trace2")], {**env, "SHARDKEEP_JOB": job_id},
-                      tmp_path / "run.log")
-    assert again.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    again = Launch(script, [*run, "--trace", str(tmp_path / "trace2")], {**env, "SHARDKEEP_JOB": job_id}, ds,
+                   tmp_path / "run.log")
+    assert again.wait(timeout=300) == [0, 0], (tmp_path / "run.log").read_text()[-3000:]
     for r in range(2):
         want = _trace(tmp_path / f"reftrace.{r}")
         resumed = [json.loads(x) for x in (tmp_path / f"trace2.{r}").read_text().splitlines()]
-        # it ran exactly the steps after the newest one the daemon held, each with the batch of the uninterrupted run
+        # it ran exactly the steps after the newest version both nodes held, each with the uninterrupted run's batch
         assert [e["step"] for e in resumed] == list(range(newest + 1, steps))
         for e in resumed:
             assert e["ids"] == want[e["step"]], f"rank {r} step {e['step']}: another batch than the uninterrupted run"
         a = torch.load(tmp_path / f"ref.{r}", weights_only=True)
         b = torch.load(tmp_path / f"run.{r}", weights_only=True)
-        if script == "train_dp.py":  # one all-reduce per gradient: bitwise the uninterrupted run
+        if script != "train_ddp.py":  # no DDP buckets: bitwise the uninterrupted run
             assert_bitwise_equal(a, b, f"rank{r}")
             continue
         assert a["sched"] == b["sched"] and a["scaler"] == b["scaler"] and a["progress"] == b["progress"]

@@ -9,6 +9,7 @@ of these.  The skeleton is the same tree with each tensor replaced by a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,45 @@ except ImportError:
 
 TAG = "__shardkeep__"
 RNG_KEY = "__shardkeep_rng__"
+
+
+def _dtensor_type() -> Any:
+    """DTensor's class if the program has imported it (a state can hold DTensors only then), else None."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose bytes are this rank's: a DTensor's local shard, else ``t`` itself."""
+    dt = _dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+def _placements_to_wire(t: Any, path: str) -> list:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    out = []
+    for p in t.placements:
+        if type(p) is Shard:
+            out.append(["S", p.dim])
+        elif type(p) is Replicate:
+            out.append(["R"])
+        elif type(p) is Partial:
+            out.append(["P", str(p.reduce_op)])
+        else:
+            raise TypeError(f"state[{path}]: a DTensor placement {p!r} is not supported (Shard, Replicate, Partial)")
+    return out
+
+
+def _placements_from_wire(w: list) -> list:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return [Shard(int(p[1])) if p[0] == "S" else Replicate() if p[0] == "R" else Partial(str(p[1])) for p in w]
+
+
+def mesh_key(mesh: Any) -> tuple:
+    """What identifies a device mesh across a restart: its device type and its ranks in shape."""
+    return (mesh.device_type, tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()))
 
 
 def is_stateful(obj: Any) -> bool:
@@ -85,10 +125,10 @@ def flatten(state: dict, rng_state: dict | None) -> Flat:
     # optimizer.step() changes the parameters it owns and its own state; forward changes the rest
     for o in flat.optimizers:
         for g in o.param_groups:
-            flat._late_ptrs.update(p.data_ptr() for p in g["params"])
+            flat._late_ptrs.update(local_tensor(p).data_ptr() for p in g["params"])
         for st in o.state.values():
             if isinstance(st, dict):
-                flat._late_ptrs.update(v.data_ptr() for v in st.values() if isinstance(v, torch.Tensor))
+                flat._late_ptrs.update(local_tensor(v).data_ptr() for v in st.values() if isinstance(v, torch.Tensor))
     root = {k: _walk(v, flat, _key(k)) for k, v in state.items()}
     if rng_state is not None:
         flat._private = True
@@ -126,6 +166,11 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
     if tp in _PLAIN:
         return obj
     if isinstance(obj, torch.Tensor):
+        dt = _dtensor_type()
+        if dt is not None and isinstance(obj, dt):  # this rank's shard; mesh and placements to rebuild it
+            return {TAG: "dtensor", "local": flat.add_tensor(obj.to_local(), path), "shape": list(obj.shape),
+                    "stride": list(obj.stride()), "placements": _placements_to_wire(obj, path),
+                    "mesh": list(mesh_key(obj.device_mesh)[1:])}
         return flat.add_tensor(obj, path)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, NDArrayLeaf)):
         return obj
@@ -164,11 +209,33 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
 class Restorer:
     """Put a saved skeleton back into the user's objects, in place where shapes allow."""
 
-    def __init__(self, views: list[torch.Tensor]) -> None:
+    def __init__(self, views: list[torch.Tensor], meshes: dict | None = None) -> None:
         self.views = views  # shm views, valid only until the version is released
+        self.meshes = meshes or {}  # mesh_key -> DeviceMesh of the DTensors in the state restored into
+
+    def _dtensor(self, saved: dict, local: torch.Tensor) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        want = tuple(saved["mesh"][0]), tuple(saved["mesh"][1])
+        mesh = next((m for k, m in self.meshes.items() if k[1:] == want), None)
+        if mesh is None:
+            raise ValueError(f"a DTensor was saved on a device mesh of shape {list(want[0])} over ranks "
+                             f"{list(want[1])}, and the state restored into has no DTensor on such a mesh")
+        return DTensor.from_local(local, mesh, _placements_from_wire(saved["placements"]), run_check=False,
+                                  shape=torch.Size(saved["shape"]), stride=tuple(saved["stride"]))
 
     def owned(self, saved: Any, like: Any = None) -> Any:
         """A value the user may keep: tensors are copied out of shm."""
+        if isinstance(saved, dict) and saved.get(TAG) == "dtensor":
+            dt = _dtensor_type()
+            if dt is not None and isinstance(like, dt):  # in place into the rank's shard
+                loc = like.to_local()
+                v = self.views[saved["local"].index]
+                if loc.shape == v.shape and loc.dtype == v.dtype and list(like.shape) == list(saved["shape"]):
+                    with torch.no_grad():
+                        loc.copy_(v)
+                    return like
+            return self._dtensor(saved, self.owned(saved["local"]))
         if isinstance(saved, TensorRef):
             v = self.views[saved.index]
             if isinstance(like, torch.Tensor) and like.shape == v.shape and like.dtype == v.dtype and not _overlapping(like):
@@ -198,6 +265,8 @@ class Restorer:
         """A value only read during a call (module.load_state_dict copies): shm views."""
         if isinstance(saved, TensorRef):
             return self.views[saved.index]
+        if isinstance(saved, dict) and saved.get(TAG) == "dtensor":
+            return self._dtensor(saved, self.views[saved["local"].index])
         if isinstance(saved, dict):
             return {k: self.borrowed(v) for k, v in saved.items()}
         if isinstance(saved, (list, tuple)):
@@ -226,6 +295,9 @@ class Restorer:
                 f"state[{path}] was saved from a {saved.get('type')} (state_dict/load_state_dict) "
                 f"but is now {type(cur).__name__}; pass the same kind of object to restore()"
             )
+        if isinstance(saved, dict) and saved.get(TAG) == "dtensor":
+            container[key] = self.owned(saved, cur)
+            return
         if isinstance(cur, torch.Tensor) and isinstance(saved, TensorRef):
             v = self.views[saved.index]
             if cur.shape == v.shape and cur.dtype == v.dtype and not _overlapping(cur):
@@ -252,6 +324,39 @@ class Restorer:
             container[key] = self.owned(saved, cur)
         else:
             raise ValueError(f"state[{path}]: the list is shorter than the snapshot's")
+
+
+def meshes_in(state: Any) -> dict:
+    """The device meshes of the DTensors in ``state`` (module parameters and buffers, optimizer parameters and
+    state, tensors in dicts and lists), by ``mesh_key``; empty when the program uses no DTensor."""
+    dt = _dtensor_type()
+    out: dict = {}
+    if dt is None:
+        return out
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dt):
+            out.setdefault(mesh_key(obj.device_mesh), obj.device_mesh)
+        elif isinstance(obj, torch.nn.Module):
+            for t in (*obj.parameters(), *obj.buffers()):
+                visit(t)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for g in obj.param_groups:
+                for p in g["params"]:
+                    visit(p)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(state)
+    return out
 
 
 def _current_state(obj: Any) -> Any:

@@ -33,7 +33,7 @@ from shardkeep.proto.transport import Channel
 
 from . import rng as rng_mod
 from .copier import ChunkHasher, copy_all, default_hash_threads, dst_view
-from .flatten import RNG_KEY, Flat, Restorer, flatten
+from .flatten import RNG_KEY, Flat, Restorer, flatten, meshes_in
 from .shm import Mapping, SlotMaps
 
 #: the longest a future waits for its group level (the daemon's own bound is usually shorter)
@@ -721,7 +721,7 @@ class Snapshotter:
                 raise IntegrityError(f"non-tensor state of step {step} is unreadable: {exc}") from None
             region = mapping.u8[doff : doff + max(m.data_bytes, 1)]
             views = [dst_view(region, e, _torch_dtype(e.dtype)) for e in m.tensors]
-            rest = Restorer(views)
+            rest = Restorer(views, meshes_in(state))
             saved_rng = skeleton.pop(RNG_KEY, None) if isinstance(skeleton, dict) else None
             if not isinstance(skeleton, dict):
                 raise IntegrityError(f"step {step}: saved state is not a map")
