@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", help="save the final state here (rank r writes OUT.r)")
     ap.add_argument("--trace", help="append each step's sample ids here (rank r writes TRACE.r), to check a resume")
+    ap.add_argument("--width", type=int, default=128, help="hidden units of the model")
+    ap.add_argument("--dp-shard", action="store_true",
+                    help="each rank snapshots only its 1/world slice of the replicated model and optimizer")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -39,13 +42,13 @@ def main() -> None:
     sampler = DistributedSampler(data, shuffle=True, seed=0)
     loader_rng = torch.Generator().manual_seed(0)  # not the global RNG, which dropout uses
     loader = StatefulDataLoader(data, batch_size=32, sampler=sampler, generator=loader_rng)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(128, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(32, args.width), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(args.width, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5)
     torch.manual_seed(100 + rank)  # dropout differs per rank, as in real data parallelism
 
-    snap = Snapshotter()  # shardkeep
+    snap = Snapshotter(dp_shard=args.dp_shard)  # shardkeep
     state = {"model": model, "optim": opt, "sched": sched, "loader": loader, "loader_rng": loader_rng}
     start = snap.restore(state)  # shardkeep: None on a fresh start; RNG restored too
     step = 0 if start is None else start + 1

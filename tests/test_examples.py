@@ -79,18 +79,23 @@ def _trace(path: Path) -> dict[int, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("script,seed", [("train_dp.py", 1), ("train_ddp.py", 2), ("train_fsdp2.py", 3)])
+@pytest.mark.parametrize("script,seed,flags", [
+    ("train_dp.py", 1, []), ("train_ddp.py", 2, []), ("train_fsdp2.py", 3, []),
+    # the uninterrupted reference runs without --dp-shard: the sharded path must end bitwise equal to it
+    ("train_dp.py", 4, ["--dp-shard"]),
+], ids=["dp", "ddp", "fsdp2", "dp-shard"])
 def test_example_killed_at_a_random_moment_resumes_with_the_same_batches(make_daemon, job_id, tmp_path, script,
-                                                                         seed):
+                                                                         seed, flags):
     pytest.importorskip("torchdata")
     ds, _ = start_group(make_daemon, 2, 1)  # two nodes, one rank on each
     steps = 150  # 64 batches per epoch and rank: the run crosses two epoch boundaries
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = Launch(script, ["--steps", str(steps), "--out", str(tmp_path / "ref"), "--trace", str(tmp_path / "reftrace")],
-                 {**env, "SHARDKEEP_JOB": f"{job_id}-ref"}, ds, tmp_path / "ref.log")
+    width = ["--width", "4096"] if "--dp-shard" in flags else []  # state big enough to weigh the slots
+    ref = Launch(script, ["--steps", str(steps), "--out", str(tmp_path / "ref"), "--trace", str(tmp_path / "reftrace"),
+                          *width], {**env, "SHARDKEEP_JOB": f"{job_id}-ref"}, ds, tmp_path / "ref.log")
     assert ref.wait(timeout=300) == [0, 0], (tmp_path / "ref.log").read_text()[-3000:]
 
-    run = ["--steps", str(steps), "--out", str(tmp_path / "run")]
+    run = ["--steps", str(steps), "--out", str(tmp_path / "run"), *width, *flags]
     first = Launch(script, [*run, "--trace", str(tmp_path / "trace")], {**env, "SHARDKEEP_JOB": job_id}, ds,
                    tmp_path / "run.log")
     k = random.Random(seed).randrange(40, 120)
@@ -103,6 +108,11 @@ def test_example_killed_at_a_random_moment_resumes_with_the_same_batches(make_da
     held = [set(d.job_status(job_id)["restorable"]) for d in ds]
     newest = max(held[0] & held[1])  # what restore() agrees on: the newest version on both nodes
     assert ran_before - 8 <= newest <= ran_before, (held, ran_before)  # the last copies may be in flight or skipped
+
+    if "--dp-shard" in flags:  # each node holds about half of the replicated state in its slots
+        for d in ds:
+            ref_bytes, run_bytes = d.job_status(f"{job_id}-ref")["bytes"], d.job_status(job_id)["bytes"]
+            assert run_bytes < 0.6 * ref_bytes, (run_bytes, ref_bytes)
 
     again = Launch(script, [*run, "--trace", str(tmp_path / "trace2")], {**env, "SHARDKEEP_JOB": job_id}, ds,
                    tmp_path / "run.log")

@@ -94,7 +94,11 @@ class Flat:
     _seen: dict[tuple, int] = field(default_factory=dict)
     _late_ptrs: set[int] = field(default_factory=set)
 
-    def add_tensor(self, t: torch.Tensor, path: str) -> TensorRef:
+    shard: tuple[int, int] | None = None   # (rank, size) in the data-parallel group with dp_shard=True
+    replicated: list = field(default_factory=list)  # (skeleton node, tensor, path) awaiting their slice
+    _in_replica: bool = False              # walking a Module's or Optimizer's state (replicated under DP)
+
+    def add_tensor(self, t: torch.Tensor, path: str, late_ptr: int | None = None) -> TensorRef:
         # this runs on the training thread for every tensor of every snapshot: keep it lean
         if t.layout is not torch.strided:
             raise TypeError(f"state[{path}]: {t.layout} tensors are not supported; densify them first")
@@ -110,17 +114,19 @@ class Flat:
             self._seen[key] = idx
             self.tensors.append(t)
             self.names.append(path)
-            self.late.append(ptr in self._late_ptrs)
+            self.late.append((ptr if late_ptr is None else late_ptr) in self._late_ptrs)
             self.private.append(self._private)
         return TensorRef(idx)
 
     _private: bool = False
 
 
-def flatten(state: dict, rng_state: dict | None) -> Flat:
+def flatten(state: dict, rng_state: dict | None, shard: tuple[int, int] | None = None) -> Flat:
+    """``shard`` = (rank, size) of a data-parallel group: each rank keeps only its 1/size slice of the
+    tensors of modules and optimizers (identical on every replica), REFT-style; the rest whole."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of named objects, got {type(state).__name__}")
-    flat = Flat()
+    flat = Flat(shard=shard)
     _collect_hooks(state, flat, set())
     # optimizer.step() changes the parameters it owns and its own state; forward changes the rest
     for o in flat.optimizers:
@@ -135,7 +141,35 @@ def flatten(state: dict, rng_state: dict | None) -> Flat:
         root[RNG_KEY] = _walk(rng_state, flat, RNG_KEY)
         flat._private = False
     flat.skeleton = root
+    if flat.replicated:
+        _assign_slices(flat)
     return flat
+
+
+def _assign_slices(flat: Flat) -> None:
+    """Cut the concatenated bytes of the replicated tensors into ``size`` equal ranges; keep ours."""
+    assert flat.shard is not None
+    rank, size = flat.shard
+    total = sum(node["nbytes"] for node, _, _ in flat.replicated)
+    per = -(-total // size)
+    lo_r, hi_r = rank * per, min(total, (rank + 1) * per)
+    g = 0
+    for node, t, path in flat.replicated:
+        n = node["nbytes"]
+        lo, hi = max(lo_r, g) - g, min(hi_r, g + n) - g
+        node["goff"] = g
+        node["dp"] = [rank, size]
+        if hi > lo:
+            src = t.detach()
+            base = src.data_ptr()
+            if not src.is_contiguous():
+                src = src.contiguous()  # a copy, now: the slice must be one range of bytes
+            part = src.reshape(-1).view(torch.uint8)[lo:hi]
+            node["lo"], node["hi"], node["part"] = lo, hi, flat.add_tensor(part, path, late_ptr=base)
+        else:
+            node["lo"] = node["hi"] = 0
+            node["part"] = None
+        g += n
 
 
 def _key(k: Any) -> str:
@@ -166,6 +200,13 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
     if tp in _PLAIN:
         return obj
     if isinstance(obj, torch.Tensor):
+        if flat._in_replica and flat.shard is not None and obj.layout is torch.strided and not obj.is_meta:
+            dt = _dtensor_type()
+            if dt is None or not isinstance(obj, dt):  # a DTensor is sharded already
+                node = {TAG: "dpshard", "dtype": dtype_name(obj, path), "shape": list(obj.shape),
+                        "nbytes": obj.numel() * obj.element_size()}
+                flat.replicated.append((node, obj, path))
+                return node
         dt = _dtensor_type()
         if dt is not None and isinstance(obj, dt):  # this rank's shard; mesh and placements to rebuild it
             return {TAG: "dtensor", "local": flat.add_tensor(obj.to_local(), path), "shape": list(obj.shape),
@@ -185,7 +226,12 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
     if isinstance(obj, tuple):
         return tuple(_walk(v, flat, f"{path}.{i}") for i, v in enumerate(obj))
     if is_stateful(obj):
-        return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
+        outer = flat._in_replica
+        flat._in_replica = outer or isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
+        try:
+            return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
+        finally:
+            flat._in_replica = outer
     if isinstance(obj, torch.Generator):  # e.g. a DataLoader's own generator=
         if obj.device.type != "cpu":
             raise TypeError(f"state[{path}]: only CPU torch.Generator objects are supported")

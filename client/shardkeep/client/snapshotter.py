@@ -31,7 +31,7 @@ from shardkeep.proto.leaves import pack_skeleton, unpack_skeleton
 from shardkeep.proto.manifest import Manifest, checksum, chunk_count, chunk_ranges
 from shardkeep.proto.transport import Channel
 
-from . import rng as rng_mod
+from . import dpshard, rng as rng_mod
 from .copier import ChunkHasher, copy_all, default_hash_threads, dst_view
 from .flatten import RNG_KEY, Flat, Restorer, flatten, meshes_in
 from .shm import Mapping, SlotMaps
@@ -180,6 +180,8 @@ class Snapshotter:
         max_stall: float = 1.0,
         hash_threads: int | None = None,
         token: str | None = None,
+        dp_shard: bool = False,
+        dp_group: Any = None,
     ) -> None:
         self.socket = socket or default_socket()
         self.job = resolve_job(job)
@@ -208,6 +210,8 @@ class Snapshotter:
         self.last_restore: RestoreInfo | None = None
 
         self.token = token or os.environ.get("SHARDKEEP_JOB_TOKEN") or None
+        self.dp_shard = dp_shard
+        self.dp_group = dp_group
         self._chan = Channel(self.socket, timeout=timeout)
         self._maps = SlotMaps()
         self._reg: _Registration | None = None
@@ -246,7 +250,7 @@ class Snapshotter:
             self._wait_done(event=prev.released)
         else:
             self._wait_done()
-        flat = flatten(state, rng_mod.capture() if self.capture_rng else None)
+        flat = flatten(state, rng_mod.capture() if self.capture_rng else None, self._dp_shard())
         self._install_hooks(flat)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         p = _Pending(flat, step, fut)
@@ -270,6 +274,16 @@ class Snapshotter:
         self._queue.put(p)
         self.stats.blocked_s += time.perf_counter() - t0
         return fut
+
+    def _dp_shard(self) -> tuple[int, int] | None:
+        """(rank, size) in the data-parallel group when dp_shard=True."""
+        if not self.dp_shard:
+            return None
+        dist = _dist()
+        if dist is None:
+            raise RuntimeError("Snapshotter(dp_shard=True) needs torch.distributed initialized (the data-parallel "
+                               "group is dp_group=, by default the whole world)")
+        return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the copy of the last snapshot is in shared memory."""
@@ -721,6 +735,25 @@ class Snapshotter:
                 raise IntegrityError(f"non-tensor state of step {step} is unreadable: {exc}") from None
             region = mapping.u8[doff : doff + max(m.data_bytes, 1)]
             views = [dst_view(region, e, _torch_dtype(e.dtype)) for e in m.tensors]
+            if self.dp_shard:
+                verified = True  # the replicas gather their slices only once every one of them has its own
+        except IntegrityError as exc:
+            bad = str(exc)
+            if self.dp_shard:
+                _all_ok(False)
+            self._release_pin(step, pin, bad)
+            raise
+        except BaseException:
+            self._release_pin(step, pin, None)
+            raise
+        try:
+            if self.dp_shard:
+                if not _all_ok(verified):  # this copy is fine: release it without reporting it bad
+                    self._release_pin(step, pin, None)
+                    pin = None
+                    raise IntegrityError(f"step {step}: another replica's slice failed verification")
+                dist = _dist()
+                skeleton = dpshard.gather(skeleton, views, self.dp_group, _dist_device(dist), _torch_dtype)
             rest = Restorer(views, meshes_in(state))
             saved_rng = skeleton.pop(RNG_KEY, None) if isinstance(skeleton, dict) else None
             if not isinstance(skeleton, dict):
@@ -734,13 +767,17 @@ class Snapshotter:
             bad = str(exc)
             raise
         finally:
-            fields = {"job": self.job, "rank": self.rank, "pin": pin}
-            if bad:
-                fields.update(bad=True, reason=bad[:4000])
-            try:
-                self._request("release", fields)
-            except ShardkeepError as exc:
-                log.warning("release of step %d failed: %s", step, exc)
+            if pin is not None:
+                self._release_pin(step, pin, bad)
+
+    def _release_pin(self, step: int, pin: str, bad: str | None) -> None:
+        fields = {"job": self.job, "rank": self.rank, "pin": pin}
+        if bad:
+            fields.update(bad=True, reason=bad[:4000])
+        try:
+            self._request("release", fields)
+        except ShardkeepError as exc:
+            log.warning("release of step %d failed: %s", step, exc)
 
 
 def _manifest_capacity(manifest_len: int) -> int:
