@@ -18,11 +18,13 @@ the decoded leaf, made in this process, never bytes read from shm or a peer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import logging
 import os
 import re
+import threading
 from typing import Any
 
 import msgpack
@@ -57,6 +59,7 @@ log = logging.getLogger("shardkeep.dcp")
 FORMAT = 1       # of the "dcp" map in each rank's version
 KEY = "dcp"      # the top-level key of that map in the version's state
 _PLAIN = (type(None), bool, int, float, str, bytes)
+READS_IN_FLIGHT = 4   # remote read requests of one reader at a time
 
 
 def parse_step(checkpoint_id: Any) -> int:
@@ -350,6 +353,10 @@ class ShardkeepReader(StorageReader):
         self.bytes_remote = 0
         self._chan: Channel | None = None
         self._maps = SlotMaps()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._chans: list[Channel] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # plumbing
     def _request(self, mtype: str, fields: dict) -> wire.Message:
@@ -361,6 +368,20 @@ class ShardkeepReader(StorageReader):
         if "fd_socket" in reply.fields:
             self._maps.use_fd_socket(str(reply.fields["fd_socket"]), self.job, self.token)
         return reply
+
+    def _channel(self) -> Channel:
+        """A channel of this thread's own (remote reads run on several threads)."""
+        ch = getattr(self._local, "chan", None)
+        if ch is None:
+            ch = self._local.chan = Channel(self.socket, timeout=self.timeout)
+            with self._lock:
+                self._chans.append(ch)
+        return ch
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="shardkeep-read")
+        return self._executor
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -406,6 +427,11 @@ class ShardkeepReader(StorageReader):
                 ranks[int(rank)] = _Rank(int(node), offset, m, body)
                 offset += m.data_bytes
         world = {m.manifest.world_size for m in ranks.values()}
+        if r.fields.get("level") == "local" and (len(world) != 1 or sorted(ranks) != list(range(next(iter(world))))):
+            raise NotFoundError(
+                f"job {self.job!r} step {self.step} is not at group level (the group keeps each job's newest "
+                f"group-level version); only the ranks on this reader's node, {sorted(ranks)}, can be read, of a "
+                f"world of {sorted(world)}: load the newest checkpoint, or from a node that holds every rank")
         if len(world) != 1 or sorted(ranks) != list(range(next(iter(world)))):
             raise NotFoundError(f"job {self.job!r} step {self.step}: the group holds ranks {sorted(ranks)} of a "
                                 f"world of {sorted(world)}; a rank's node is missing (recover it first)")
@@ -475,6 +501,13 @@ class ShardkeepReader(StorageReader):
         return _LocalRank(self, rank, info, need) if info.node == self.node else _RemoteRank(self, rank, info, need)
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for ch in self._chans:
+            ch.close()
+        self._chans.clear()
+        self._local = threading.local()
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -565,17 +598,22 @@ class _RemoteRank:
             else:
                 runs.append([c * m.chunk, min((c + 1) * m.chunk, m.data_bytes)])
         np_buf = buf.numpy()
-        for a, b in runs:
-            for off in range(a, b, wire.MAX_READ):
-                n = min(wire.MAX_READ, b - off)
-                reply = r._request("read", {"job": r.job, "step": r.step, "epoch": r.epoch, "node": self.info.node,
-                                            "offset": self.info.offset + off, "length": n})
-                frame = reply.payload[0] if reply.payload else b""
-                data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-                if data.nbytes != n:
-                    raise IntegrityError(f"node {self.info.node} sent {data.nbytes} bytes of rank {self.rank} for {n}")
-                np_buf[off : off + n] = np.frombuffer(data, dtype=np.uint8)
-                r.bytes_remote += n
+        pieces = [(off, min(wire.MAX_READ, b - off)) for a, b in runs for off in range(a, b, wire.MAX_READ)]
+
+        def fetch(piece: tuple[int, int]) -> None:
+            off, n = piece
+            fields = {"job": r.job, "step": r.step, "epoch": r.epoch, "node": self.info.node,
+                      "offset": self.info.offset + off, "length": n, **({"token": r.token} if r.token else {})}
+            reply = r._channel().request("read", fields)
+            frame = reply.payload[0] if reply.payload else b""
+            data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            if data.nbytes != n:
+                raise IntegrityError(f"node {self.info.node} sent {data.nbytes} bytes of rank {self.rank} for {n}")
+            np_buf[off : off + n] = np.frombuffer(data, dtype=np.uint8)
+
+        # a few requests in flight: the peer copies the next piece out of shm while one travels
+        list(r._pool().map(fetch, pieces))
+        r.bytes_remote += sum(n for _, n in pieces)
         _verify(m, buf, chunks, f"rank {self.rank} step {r.step} (from node {self.info.node})")
         return _views(m, buf, self.need)
 
