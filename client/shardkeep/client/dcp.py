@@ -51,7 +51,7 @@ from shardkeep.proto.manifest import Manifest, checksum
 from shardkeep.proto.transport import Channel
 
 from .copier import dst_view
-from .snapshotter import Snapshotter, _torch_dtype, resolve_job
+from .snapshotter import Snapshotter, _torch_dtype, open_manifest, resolve_job
 from .shm import SlotMaps
 
 log = logging.getLogger("shardkeep.dcp")
@@ -553,18 +553,22 @@ class _LocalRank:
         self.pin: str | None = None
 
     def __enter__(self) -> dict[int, torch.Tensor]:
-        r, m = self.r, self.info.manifest
+        r = self.r
         reply = r._request("open", {"job": r.job, "rank": self.rank, "step": r.step})
         self.pin = reply.fields["pin"]
-        desc = reply.fields["slot"]
-        mapping = r._maps.get(desc["name"], desc["size"])
-        raw = bytes(mapping.mm[desc["manifest_offset"] : desc["manifest_offset"] + int(reply.fields["manifest_len"])])
-        if checksum(raw) != reply.fields["manifest_xxh"]:
-            raise IntegrityError(f"rank {self.rank} step {r.step}: the slot's manifest does not match its checksum")
         try:
-            local = Manifest.decode(raw, desc["data_capacity"])
-        except ProtocolError as exc:
-            raise IntegrityError(f"rank {self.rank} step {r.step}: manifest unreadable: {exc}") from None
+            return self._views(reply)
+        except IntegrityError as exc:  # reported, as restore() does: the daemon drops the damaged version
+            self._release(str(exc))
+            raise
+        except BaseException:
+            self._release(None)
+            raise
+
+    def _views(self, reply: wire.Message) -> dict[int, torch.Tensor]:
+        r, m = self.r, self.info.manifest
+        desc = reply.fields["slot"]
+        mapping, local, _ = open_manifest(r._maps, reply, f"rank {self.rank} step {r.step}")
         if local.checksums != m.checksums or local.data_bytes != m.data_bytes:
             raise IntegrityError(f"rank {self.rank} step {r.step}: the local slot does not hold the located version")
         doff = desc["data_offset"]
@@ -574,11 +578,19 @@ class _LocalRank:
         return _views(m, region, self.need)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.pin is not None:
-            try:
-                self.r._request("release", {"job": self.r.job, "rank": self.rank, "pin": self.pin})
-            except ShardkeepError as e:
-                log.warning("release of rank %d step %s failed: %s", self.rank, self.r.step, e)
+        self._release(None)
+
+    def _release(self, bad: str | None) -> None:
+        if self.pin is None:
+            return
+        fields = {"job": self.r.job, "rank": self.rank, "pin": self.pin}
+        if bad:
+            fields.update(bad=True, reason=bad[:4000])
+        self.pin = None
+        try:
+            self.r._request("release", fields)
+        except ShardkeepError as e:
+            log.warning("release of rank %d step %s failed: %s", self.rank, self.r.step, e)
 
 
 class _RemoteRank:

@@ -713,18 +713,7 @@ class Snapshotter:
         bad: str | None = None
         try:
             desc = r.fields["slot"]
-            try:
-                mapping = self._maps.get(desc["name"], desc["size"])
-            except NotFoundError as exc:  # the segment was removed behind the daemon's back
-                raise IntegrityError(f"step {step}: {exc}") from None
-            moff, mlen = desc["manifest_offset"], int(r.fields["manifest_len"])
-            raw = bytes(mapping.mm[moff : moff + mlen])
-            if checksum(raw) != r.fields["manifest_xxh"]:
-                raise IntegrityError(f"manifest of step {step} does not match its checksum")
-            try:
-                m = Manifest.decode(raw, desc["data_capacity"])
-            except ProtocolError as exc:
-                raise IntegrityError(f"manifest of step {step} is unreadable: {exc}") from None
+            mapping, m, mlen = open_manifest(self._maps, r, f"step {step}")
             if (m.job, m.rank, m.step) != (self.job, self.rank, step):
                 raise IntegrityError(f"slot for step {step} holds job {m.job!r} rank {m.rank} step {m.step}")
             doff = desc["data_offset"]
@@ -778,6 +767,23 @@ class Snapshotter:
             self._request("release", fields)
         except ShardkeepError as exc:
             log.warning("release of step %d failed: %s", step, exc)
+
+
+def open_manifest(maps: SlotMaps, reply: wire.Message, where: str) -> tuple[Mapping, Manifest, int]:
+    """Map the slot an ``open`` reply names and read its manifest, checked against the reply's checksum."""
+    desc = reply.fields["slot"]
+    try:
+        mapping = maps.get(desc["name"], desc["size"])
+    except NotFoundError as exc:  # the segment was removed behind the daemon's back
+        raise IntegrityError(f"{where}: {exc}") from None
+    moff, mlen = desc["manifest_offset"], int(reply.fields["manifest_len"])
+    raw = bytes(mapping.mm[moff : moff + mlen])
+    if checksum(raw) != reply.fields["manifest_xxh"]:
+        raise IntegrityError(f"manifest of {where} does not match its checksum")
+    try:
+        return mapping, Manifest.decode(raw, desc["data_capacity"]), mlen
+    except ProtocolError as exc:
+        raise IntegrityError(f"manifest of {where} is unreadable: {exc}") from None
 
 
 def _manifest_capacity(manifest_len: int) -> int:
