@@ -168,6 +168,25 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from shardkeep.client.export import export
+    except ImportError as exc:  # the daemon-only install has no torch
+        print(f"shardkeep export: needs torch and the shardkeep client ({exc})", file=sys.stderr)
+        return 1
+    try:
+        res = export(args.job, args.to, step=args.step, socket=args.socket or default_socket(),
+                     token=args.token or os.environ.get("SHARDKEEP_JOB_TOKEN"), keep=args.keep, timeout=args.timeout)
+    except (ShardkeepError, OSError, TypeError, ValueError) as exc:
+        print(f"shardkeep export: {exc}", file=sys.stderr)
+        return 1
+    print(res)
+    print(f"{res.path.parent / 'latest'} -> {os.readlink(res.path.parent / 'latest')}")
+    return 0
+
+
 RECOVER_SILENCE_S = 10.0  # `recover` gives up on a daemon that answers no status request for this long
 
 
@@ -295,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the job's token, for a daemon in multi-user mode (default: $SHARDKEEP_JOB_TOKEN)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default: 10)")
     p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("export", help="write a version of a job in torch.distributed.checkpoint's layout "
+                                      "(plain dcp.load reads it)",
+                       description="Write job J's version (the newest, or --step) to DIR/J/step-S in DCP's file "
+                                   "layout, with shardkeep's own manifest beside it, and point DIR/J/latest at it. "
+                                   "Ranks held by other nodes of the group are read over the peer data plane.")
+    p.add_argument("--job", required=True, help="the job id")
+    p.add_argument("--to", required=True, metavar="DIR", help="where to write (shared storage, a local disk)")
+    p.add_argument("--step", type=int, default=None, help="the version (default: the newest the group holds)")
+    p.add_argument("--keep", type=int, default=None, help="keep only the newest N step directories of the job")
+    p.add_argument("--socket", default=None, help="daemon socket (default: $SHARDKEEP_SOCKET or the default path)")
+    p.add_argument("--token", default=None,
+                   help="the job's token, for a daemon in multi-user mode (default: $SHARDKEEP_JOB_TOKEN)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each daemon request (default: 60)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recover", help="rebuild a replacement node's data and parity from its group")
     p.add_argument("--socket", default=None,
