@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--kind", choices=["dp", "dp-shard", "fsdp2"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", type=int, default=3)
+    ap.add_argument("--restore-from", metavar="PERSIST_DIR",
+                    help="instead: restore (memory is gone) and check against OUT/expected.pt")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -46,6 +48,8 @@ def main() -> int:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if args.restore_from:
+        return check_restore(args, model, opt)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 16, generator=g), torch.randn(8, 5, generator=g)
     for _ in range(args.step):
@@ -67,6 +71,32 @@ def main() -> int:
                       for i, p in enumerate(model.parameters())}}
     if dist.get_rank() == 0:
         torch.save(want, os.path.join(args.out, "expected.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def check_restore(args, model, opt) -> int:
+    """A relaunch after every daemon lost its memory: restore() must come from the persist directory."""
+    from shardkeep.client import Snapshotter
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # not what was saved
+    snap = Snapshotter(dp_shard=args.kind == "dp-shard", persist_dir=args.restore_from)
+    extra = {"epoch": 0, "name": "", "ratios": [0.0, 0.0]}
+    step = snap.restore({"model": model, "optim": opt, "extra": extra})
+    info = snap.last_restore
+    assert step == args.step and "persist tier" in str(info) and info.note, (step, str(info))
+    assert extra == {"epoch": 2, "name": "run-a", "ratios": [0.5, 0.25]}, extra
+    want = torch.load(os.path.join(args.out, "expected.pt"), weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(full(v), want["model"][k]), k
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(full(v), want["optim"][i][k]), (i, k)
+    print(f"RESTORED {info}")
+    snap.close()
     dist.barrier()
     dist.destroy_process_group()
     return 0

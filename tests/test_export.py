@@ -15,14 +15,14 @@ import msgpack
 import pytest
 
 from conftest import shardkeep_cmd
-from groupjob import start_group
+from groupjob import lose_nodes, replace_nodes, start_group
 from test_dcp import HERE
 from test_group_membership import free_ports
 
 pytestmark = pytest.mark.slow
 
 
-def run_job(ds, job: str, kind: str, out: Path) -> None:
+def run_job(ds, job: str, kind: str, out: Path, *extra: str, check: bool = True) -> list[str]:
     port = free_ports(1)[0]
     procs = []
     for r, d in enumerate(ds):
@@ -30,10 +30,11 @@ def run_job(ds, job: str, kind: str, out: Path) -> None:
                    LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    PYTHONPATH=str(HERE))
         procs.append(subprocess.Popen([sys.executable, str(HERE / "export_worker.py"), "--kind", kind, "--out",
-                                       str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                       str(out), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=180)[0] for p in procs]
     for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+        assert p.returncode == 0 or not check, log[-3000:]
+    return logs if check else [(p.returncode, log) for p, log in zip(procs, logs)]
 
 
 def plain_load(step_dir: Path, expected: Path) -> str:
@@ -61,6 +62,13 @@ def test_export_is_read_by_plain_dcp_load(make_daemon, job_id, tmp_path, kind):
     assert man["step"] == 3 and sorted(man["ranks"]) == [0, 1]
     # plain DCP, shardkeep not importable, at world size 1 (FSDP2's shards and dp_shard's slices put together)
     assert plain_load(job_dir / "latest", tmp_path / "expected.pt") == "OK"
+    # every daemon of the group loses its memory; the relaunched job restores from the exported step
+    lose_nodes(ds, [0, 1])
+    fresh, _ = start_group(make_daemon, 2, 1)
+    logs = run_job(fresh, job_id, kind, tmp_path, "--restore-from", str(out))
+    for log in logs:
+        assert f"RESTORED restored step 3 from the persist tier ({job_dir / 'step-3'})" in log, log[-2000:]
+        assert "memory could not serve: no version of this job in memory" in log, log[-2000:]
     if kind == "dp":  # the replicated model is written once (rank 0's file), rank 1 has only its own RNG
         sizes = {n: (job_dir / "step-3" / n).stat().st_size for n in names if n.endswith(".distcp")}
         assert sizes["__1_0.distcp"] < sizes["__0_0.distcp"] / 2, sizes
@@ -90,3 +98,26 @@ def test_export_keeps_the_newest_and_latest_never_goes_back(daemon, job_id, tmp_
     r = subprocess.run(shardkeep_cmd("export", "--job", "no-such-job", "--to", str(out), "--socket", daemon.socket),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no-such-job" in r.stderr, r.stderr
+
+
+def test_restore_falls_back_to_the_persisted_step_only_when_memory_cannot_serve(make_daemon, job_id, tmp_path):
+    ds, ports = start_group(make_daemon, 3, 1)
+    run_job(ds, job_id, "dp", tmp_path)
+    out = tmp_path / "ckpt"
+    r = subprocess.run(shardkeep_cmd("export", "--job", job_id, "--to", str(out), "--socket", ds[2].socket),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # one node lost: `shardkeep recover` can rebuild it, so restore() says so and never goes back to the copy
+    lose_nodes(ds, [0])
+    ports = replace_nodes(make_daemon, ds, ports, [0], 1)
+    res = run_job(ds, job_id, "dp", tmp_path, "--restore-from", str(out), check=False)
+    assert all(rc != 0 for rc, _ in res), res
+    assert "run `shardkeep recover` on it before restoring" in res[0][1], res[0][1][-2000:]
+    # a second node lost: one node of three holds the version, a rebuild needs two: the persisted step serves
+    lose_nodes(ds, [1])
+    replace_nodes(make_daemon, ds, ports, [1], 1)
+    logs = run_job(ds, job_id, "dp", tmp_path, "--restore-from", str(out))
+    for log in logs:
+        assert f"RESTORED restored step 3 from the persist tier ({out / job_id / 'step-3'})" in log, log[-2000:]
+        assert "memory could not serve" in log, log[-2000:]
+    assert "memory cannot serve it (a persisted copy can)" in logs[0], logs[0][-2000:]  # the lost nodes' ranks say why

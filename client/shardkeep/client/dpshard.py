@@ -71,6 +71,11 @@ def gather(skeleton: Any, views: list[torch.Tensor], group: Any, device: torch.d
         dt = dtype_of(n["dtype"])
         views.append(whole.view(dt).view(n["shape"]) if n["nbytes"] else torch.empty(n["shape"], dtype=dt))
 
+    return replace(skeleton, index)
+
+
+def replace(skeleton: Any, index: dict[int, int]) -> Any:
+    """The skeleton with each ``dpshard`` node (by id) replaced by ``TensorRef(index[id(node)])``."""
     def swap(obj: Any) -> Any:
         if isinstance(obj, dict):
             if obj.get(TAG) == "dpshard":

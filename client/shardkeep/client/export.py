@@ -228,6 +228,7 @@ def write_version(root: Path, job: str, step: int, ranks: dict[int, tuple[Manife
         owner: dict[tuple, tuple] = {}                   # (rank, fqn, offsets) -> the (rank, ...) whose bytes serve
         per_rank_ids: dict[int, dict[int, tuple]] = {}   # rank -> id(view) -> (fqn, offsets)
         plans: dict[int, tuple[SavePlan, _Planner]] = {}
+        digests: dict[tuple, int] = {}                   # (rank, fqn, offsets) -> xxh3 of the item's bytes
         for r, (_m, skeleton) in sorted(ranks.items()):
             shards: dict[int, list[int]] = {}
             sizes: dict[int, list[int]] = {}
@@ -257,6 +258,7 @@ def write_version(root: Path, job: str, step: int, ranks: dict[int, tuple[Manife
                     key = (fqn, ())
                     item = WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
                 digest = _digest(data)
+                digests[(r, *key)] = digest
                 if key in first and first[key][1] == digest:
                     owner[(r, *key)] = (first[key][0], *key)  # the same bytes are written already
                     continue
@@ -293,9 +295,11 @@ def write_version(root: Path, job: str, step: int, ranks: dict[int, tuple[Manife
 
         # shardkeep's own record: every rank's skeleton and where each of its tensors lies (its own bytes)
         def loc(r: int, key: tuple) -> list:
+            """[file, offset, length, transforms, xxh3 of the tensor's bytes] of rank r's item ``key``."""
             wr = where[owner[(r, *key)]]
             si = wr.storage_data
-            return [si.relative_path, si.offset, si.length, list(si.transform_descriptors or [])]
+            return [si.relative_path, si.offset, si.length, list(si.transform_descriptors or []),
+                    digests[owner[(r, *key)]]]
 
         manifest: dict[str, Any] = {"format": FORMAT, "job": job, "step": step, "ranks": {}}
         for r, (m, skeleton) in sorted(ranks.items()):

@@ -60,12 +60,14 @@ class RestoreInfo:
     fell_back_from: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
     bytes: int = 0
+    note: str = ""                          # why memory could not serve, when the persist tier did
 
     def __str__(self) -> str:
         if self.step is None:
             return "nothing restored: the daemon holds no version of this job"
         fb = "".join(f"; fell back from step {s} ({why})" for s, why in self.fell_back_from)
-        return f"restored step {self.step} from {self.source} ({self.bytes} bytes in {self.seconds:.3f} s){fb}"
+        note = f"; memory could not serve: {self.note}" if self.note else ""
+        return f"restored step {self.step} from {self.source} ({self.bytes} bytes in {self.seconds:.3f} s){fb}{note}"
 
 
 @dataclass
@@ -162,6 +164,13 @@ class Snapshotter:
 
     ``token`` (default ``$SHARDKEEP_JOB_TOKEN``): the job's secret, the same on
     every rank, required by a daemon in multi-user mode (``--trainer-group``).
+
+    ``dp_shard=True``: each data-parallel replica (``dp_group``, default the
+    world) keeps only its 1/DP slice of the modules' and optimizers' tensors.
+
+    ``persist_dir`` (default ``$SHARDKEEP_PERSIST_DIR``): where ``shardkeep
+    export`` (or the persist tier) writes this job's steps; ``restore()`` falls
+    back to the newest of them when memory cannot serve.
     """
 
     def __init__(
@@ -182,6 +191,7 @@ class Snapshotter:
         token: str | None = None,
         dp_shard: bool = False,
         dp_group: Any = None,
+        persist_dir: str | None = None,
     ) -> None:
         self.socket = socket or default_socket()
         self.job = resolve_job(job)
@@ -212,6 +222,7 @@ class Snapshotter:
         self.token = token or os.environ.get("SHARDKEEP_JOB_TOKEN") or None
         self.dp_shard = dp_shard
         self.dp_group = dp_group
+        self.persist_dir = persist_dir or os.environ.get("SHARDKEEP_PERSIST_DIR") or None
         self._chan = Channel(self.socket, timeout=timeout)
         self._maps = SlotMaps()
         self._reg: _Registration | None = None
@@ -300,10 +311,16 @@ class Snapshotter:
         """
         self._wait_done()
         t0 = time.perf_counter()
-        reply = self._request("versions", {"job": self.job, "rank": self.rank})
-        candidates = [int(s) for s in reply.fields.get("restorable", [])]
-        missing = str(reply.fields.get("missing", ""))  # this node lost versions the group holds
-        candidates = _agree(candidates, self.job, missing)
+        memory_error = ""
+        try:
+            reply = self._request("versions", {"job": self.job, "rank": self.rank})
+            candidates = [int(s) for s in reply.fields.get("restorable", [])]
+            missing = str(reply.fields.get("missing", ""))  # this node lost versions the group holds
+            candidates = _agree(candidates, self.job, missing, bool(reply.fields.get("recoverable", True)))
+        except UnavailableError as exc:  # raised alike on every rank (the nodes of some ranks lost the job)
+            if self.persist_dir is None or exc.details.get("recoverable", True):
+                raise  # `shardkeep recover` brings the newer version back: never fall back past it
+            memory_error, candidates = str(exc), []
         # this launch of the job, the same on every rank: a step run again after a restart is a new
         # version for the group, never mixed with the one the crash left half-committed
         self._epoch = _agree_epoch()
@@ -325,6 +342,11 @@ class Snapshotter:
                 break
             if ok:
                 fell_back.append((step, "another rank's copy of this version failed verification"))
+        if restored is None and self.persist_dir is not None:
+            restored = self._restore_persisted(state, t0, fell_back, memory_error or (
+                "no version verified" if candidates else "no version of this job in memory"))
+            if restored is not None:
+                return restored
         if restored is None:
             if candidates:
                 raise IntegrityError(
@@ -341,6 +363,42 @@ class Snapshotter:
         self._queue.put(_Prepare(nbytes, _manifest_capacity(manifest_len)))
         log.info("job %s rank %d: %s", self.job, self.rank, self.last_restore)
         return restored
+
+    def _restore_persisted(self, state: dict, t0: float, fell_back: list, why: str) -> int | None:
+        """The newest version in the persist directory, when memory could not serve: collective like
+        restore() (every rank must see the same step there), None if there is none."""
+        from . import persisted
+
+        path = persisted.newest(self.persist_dir, self.job)
+        step = persisted.step_of(path) if path is not None else -1
+        lo, hi = _agree_value(step)
+        if hi < 0:
+            return None
+        if lo != hi:
+            raise UnavailableError(f"job {self.job!r}: the ranks see different newest persisted steps ({lo} and "
+                                   f"{hi}) under {self.persist_dir}; is it storage every node shares?")
+        ok, nbytes, err = True, 0, None
+        try:
+            skeleton, tensors, nbytes = persisted.load_rank(path, self.job, self.rank, self.world_size, _torch_dtype)
+        except (IntegrityError, NotFoundError, OSError) as exc:
+            ok, err = False, exc
+        if not _all_ok(ok):
+            raise IntegrityError(f"job {self.job!r}: memory could not serve ({why}), and the persisted step {step} "
+                                 f"at {path} failed on some rank: {err or 'see the other ranks'}")
+        rest = Restorer(tensors, meshes_in(state))
+        saved_rng = skeleton.pop(RNG_KEY, None) if isinstance(skeleton, dict) else None
+        for key, saved in skeleton.items():
+            rest.into(state, key, saved, str(key))
+        if saved_rng is not None and self.capture_rng:
+            rng_mod.restore(rest.owned(saved_rng))
+        try:  # the daemon's record of the job (if any) goes back to this step
+            self._request("resume", {"job": self.job, "rank": self.rank, "step": step})
+        except NotFoundError:
+            pass
+        self.last_restore = RestoreInfo(step, f"the persist tier ({path})", fell_back, time.perf_counter() - t0,
+                                        nbytes, note=why)
+        log.warning("job %s rank %d: %s", self.job, self.rank, self.last_restore)
+        return step
 
     def close(self) -> None:
         """Stop the background thread and remove hooks; the job's versions stay in the daemon."""
@@ -838,31 +896,34 @@ def _dist_device(dist) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _agree(candidates: list[int], job: str, missing: str = "") -> list[int]:
+def _agree(candidates: list[int], job: str, missing: str = "", recoverable: bool = True) -> list[int]:
     """With torch.distributed: the versions every rank holds, newest first.
 
     ``missing`` (this rank's daemon lost versions its group holds) makes every
-    rank fail alike rather than restore nothing or something older in silence.
+    rank fail alike rather than restore nothing or something older in silence;
+    the error's ``recoverable`` detail is False only when no rank's loss can be
+    rebuilt by ``shardkeep recover`` (more than m nodes lost).
     """
     dist = _dist()
     if dist is None:
         if missing and not candidates:
-            raise UnavailableError(f"job {job!r}: {missing}")
+            raise UnavailableError(f"job {job!r}: {missing}", recoverable=recoverable)
         return candidates
     n = 16
     dev = _dist_device(dist)
     mine = torch.full((n + 1,), -1, dtype=torch.int64, device=dev)
     if candidates:
         mine[: min(n, len(candidates))] = torch.tensor(candidates[:n], dtype=torch.int64)
-    mine[n] = 1 if missing and not candidates else 0
+    mine[n] = (1 if recoverable else 2) if missing and not candidates else 0
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
-    lost = [r for r, x in enumerate(gathered) if int(x[n]) == 1]
+    lost = [r for r, x in enumerate(gathered) if int(x[n]) != 0]
     if lost:
+        rec = any(int(x[n]) == 1 for x in gathered)
         if missing and not candidates:
-            raise UnavailableError(f"job {job!r}: {missing}")
+            raise UnavailableError(f"job {job!r}: {missing}", recoverable=rec)
         raise UnavailableError(f"job {job!r}: the nodes of ranks {lost} lost this job's versions (see the error "
-                               "on those ranks); no version can be restored on every rank")
+                               "on those ranks); no version can be restored on every rank", recoverable=rec)
     sets = [set(x[:n].tolist()) - {-1} for x in gathered]
     common = sorted(set.intersection(*sets), reverse=True)
     if not common and any(sets):
@@ -882,6 +943,16 @@ def _agree_epoch() -> int:
                      device=_dist_device(dist))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def _agree_value(v: int) -> tuple[int, int]:
+    """(min, max) of ``v`` over the ranks; (v, v) without torch.distributed."""
+    dist = _dist()
+    if dist is None:
+        return v, v
+    t = torch.tensor([v, -v], dtype=torch.int64, device=_dist_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0].item()), -int(t[1].item())
 
 
 def _all_ok(ok: bool) -> bool:

@@ -666,7 +666,7 @@ class Daemon:
             return out
         job = f["job"]
         if job in self.unrecoverable:
-            out["missing"] = self.unrecoverable[job]
+            out["missing"], out["recoverable"] = self.unrecoverable[job], False
             return out
         async def inventory(j: int) -> list:
             try:
@@ -681,10 +681,14 @@ class Daemon:
                 held.setdefault(step, []).append(j)
         if held:
             step = max(held)
+            # a rebuild needs k = n - m holders of the version; with fewer, only a persisted copy can serve
+            out["recoverable"] = len(held[step]) >= self.group.placement.k
             out["missing"] = (
                 f"node {self.group.node} holds no version of job {job!r}, but nodes {sorted(held[step])} hold "
-                f"step {step} at group level: this node lost its memory or was replaced; run `shardkeep recover` "
-                "on it before restoring")
+                f"step {step} at group level: this node lost its memory or was replaced; " + (
+                    "run `shardkeep recover` on it before restoring" if out["recoverable"] else
+                    f"a rebuild needs {self.group.placement.k} of the {self.group.placement.n} nodes, more than hold "
+                    "it: memory cannot serve it (a persisted copy can)"))
         return out
 
     async def h_locate(self, f: dict[str, Any]) -> tuple[dict, list]:
