@@ -133,6 +133,10 @@ def worker(args) -> None:
             res = snap.snapshot({"model": model, "optim": opt}, step).result(timeout=600)
             out.setdefault("levels", []).append(res.level)
         snap.close()
+        if args.mode == "dp":  # the baseline for `shardkeep export`: DCP writes the same state to the filesystem
+            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+            out["fs_save_s"] = timed(lambda: dcp.save(sd, storage_writer=dcp.FileSystemWriter(
+                Path(args.fs_dir) / "dp")))
     print("RESULT " + json.dumps(out), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -210,13 +214,18 @@ def main() -> int:
         load_same = run_ranks([socks[0]] * (w // 2) + [socks[1]] * (w // 2), "bdcp", "load", extra)
         # half the world, each rank on the other node than the rows it loads first
         load_half = run_ranks([socks[1]] * (w // 4 or 1) + [socks[0]] * (w // 4 or 1), "bdcp", "load", extra)
-        dp = {}
+        dp, exports, dp_fs = {}, {}, None
         for mode in ("dp", "dp-shard"):
-            run_ranks(socks, f"b{mode}", mode, ["--size-mb", str(args.size_mb)])
+            ranks = run_ranks(socks, f"b{mode}", mode, ["--size-mb", str(args.size_mb), "--fs-dir", str(fs_dir)])
+            dp_fs = dp_fs or max(r.get("fs_save_s", 0) for r in ranks)
             dp[mode] = [next(j["bytes"] for j in status(s)["jobs"] if j["job"] == f"b{mode}") for s in socks]
+            t = time.perf_counter()  # from node 1: rank 0's data comes over the peer data plane
+            subprocess.run(["shardkeep", "export", "--job", f"b{mode}", "--to", str(fs_dir / "export"),
+                            "--socket", socks[1]], check=True, capture_output=True, timeout=1800)
+            exports[mode] = time.perf_counter() - t
         res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "size_mb_per_rank": args.size_mb,
                "world": w, "load": os.getloadavg(), "save": save, "load_same": load_same, "load_half": load_half,
-               "dp_slot_bytes_per_node": dp}
+               "dp_slot_bytes_per_node": dp, "export_s": exports, "dp_fs_save_s": dp_fs}
     finally:
         for d in daemons:
             d.terminate()
@@ -253,6 +262,8 @@ def main() -> int:
     print(f"dp_shard, 2 replicas of ~{args.size_mb} MB model + Adam: slot bytes per node "
           f"{[f'{x / 1e6:.0f} MB' for x in a]} -> {[f'{x / 1e6:.0f} MB' for x in b]} "
           f"({sum(b) / sum(a):.2f}x)")
+    row("`shardkeep export` of the dp job (CLI, from node 1) vs dcp.save", exports["dp"], dp_fs)
+    print(f"  (`shardkeep export` of the dp_shard job: {exports['dp-shard']:.3f}s; both include the CLI's start)")
     print("JSON " + json.dumps(res))
     return 0
 
