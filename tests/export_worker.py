@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ def main() -> int:
     ap.add_argument("--kind", choices=["dp", "dp-shard", "fsdp2"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="snapshot the final state at this many steps, "
+                    "STEP, STEP+1, ... (each at group level before the next)")
+    ap.add_argument("--go-file", help="before each repeated snapshot, wait (up to 120 s) for GO_FILE.<step>")
     ap.add_argument("--restore-from", metavar="PERSIST_DIR",
                     help="instead: restore (memory is gone) and check against OUT/expected.pt")
     args = ap.parse_args()
@@ -63,8 +67,13 @@ def main() -> int:
         opt.step()
     snap = Snapshotter(dp_shard=args.kind == "dp-shard")
     state = {"model": model, "optim": opt, "extra": {"epoch": 2, "name": "run-a", "ratios": [0.5, 0.25]}}
-    res = snap.snapshot(state, args.step).result(timeout=120)
-    assert (res.status, res.level) == ("committed", "group"), res
+    for step in range(args.step, args.step + args.repeat):
+        if args.go_file and step > args.step:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(f"{args.go_file}.{step}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+        res = snap.snapshot(state, step).result(timeout=120)
+        assert (res.status, res.level) == ("committed", "group"), res
     snap.close()
     want = {"model": {k: full(v).clone() for k, v in model.state_dict().items()},
             "optim": {i: {k: full(v).clone() for k, v in opt.state[p].items()}

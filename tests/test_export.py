@@ -22,7 +22,11 @@ from test_group_membership import free_ports
 pytestmark = pytest.mark.slow
 
 
-def run_job(ds, job: str, kind: str, out: Path, *extra: str, check: bool = True) -> list[str]:
+def run_job(ds, job: str, kind: str, out: Path, *extra: str, check: bool = True) -> list:
+    return finish_job(start_job(ds, job, kind, out, *extra), check)
+
+
+def start_job(ds, job: str, kind: str, out: Path, *extra: str) -> list[subprocess.Popen]:
     port = free_ports(1)[0]
     procs = []
     for r, d in enumerate(ds):
@@ -31,7 +35,20 @@ def run_job(ds, job: str, kind: str, out: Path, *extra: str, check: bool = True)
                    PYTHONPATH=str(HERE))
         procs.append(subprocess.Popen([sys.executable, str(HERE / "export_worker.py"), "--kind", kind, "--out",
                                        str(out), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=180)[0] for p in procs]
+    return procs
+
+
+def finish_job(procs: list[subprocess.Popen], check: bool = True, kill: bool = False) -> list:
+    if kill:  # the test is done with them (a daemon they talk to was killed): don't wait for their timeouts
+        for p in procs:
+            p.kill()
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
     for p, log in zip(procs, logs):
         assert p.returncode == 0 or not check, log[-3000:]
     return logs if check else [(p.returncode, log) for p, log in zip(procs, logs)]

@@ -197,3 +197,32 @@ def test_hostile_job_names_are_rejected(daemon, job):
         with pytest.raises(ProtocolError, match="invalid job id"):
             daemon.request(mtype, fields)
     assert daemon.segments() == []
+
+
+def test_the_persist_tier_reads_a_users_job_with_the_daemons_own_token(users, job_id, tmp_path):
+    """The daemon's persist worker reads a job it holds no token of (it has its own, made at start)."""
+    import time
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(tempfile.mkdtemp(prefix="skmu", dir="/tmp"))
+    os.chmod(root, 0o755)
+    prefix = f"skt{secrets.token_hex(4)}"
+    _PREFIXES.append(prefix)
+    persist = tmp_path / "shared"
+    d = DaemonProc(root, prefix, ["--trainer-group", users["group"], "--persist-dir", str(persist)]).start()
+    try:
+        out = as_user(users, "member", d, job_id, "tok-" + secrets.token_hex(8), "train")
+        assert out["snapshot"] == ["committed", ""], out
+        deadline = time.monotonic() + 60
+        while not (persist / job_id / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert os.readlink(persist / job_id / "latest") == "step-1", d.log()
+        got = {"w": torch.zeros(4096), "meta": {"step": -1}}
+        dcp.load(got, storage_reader=dcp.FileSystemReader(persist / job_id / "latest"))
+        assert torch.equal(got["w"], torch.arange(4096, dtype=torch.float32) * 3) and got["meta"] == {"step": 1}
+    finally:
+        d.stop()
+        d.wipe_shm()
+        shutil.rmtree(root, ignore_errors=True)

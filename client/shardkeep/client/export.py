@@ -159,7 +159,7 @@ def _whole_tensors(ranks: dict[int, tuple[Manifest, Any]], views: dict[int, dict
 
 
 def materialize(skeleton: Any, views: dict[int, torch.Tensor], rank: int, shards: dict[int, list[int]],
-                sizes: dict[int, list[int]], whole: dict, path: str = "") -> Any:
+                sizes: dict[int, list[int]], whole: dict | None, path: str = "") -> Any:
     """The rank's nested state as DCP would see it: Stateful objects as their state dicts, tensors as views;
     a DTensor as its local shard (its global offsets and size recorded by id)."""
     def rec(obj: Any, p: str) -> Any:
@@ -179,7 +179,7 @@ def materialize(skeleton: Any, views: dict[int, torch.Tensor], rank: int, shards
                 sizes[id(local)] = list(obj["shape"])
                 return local
             if tag == "dpshard":
-                return whole[obj["goff"]]
+                return whole[obj["goff"]] if whole is not None else _SKIP
             return {k: rec(v, f"{p}.{k}" if p else str(k)) for k, v in obj.items()}
         if isinstance(obj, list):
             return [rec(v, f"{p}.{i}") for i, v in enumerate(obj)]
@@ -191,13 +191,16 @@ def materialize(skeleton: Any, views: dict[int, torch.Tensor], rank: int, shards
 
 
 class _Planner:
-    """What FileSystemWriter asks of a planner while it writes: the data of each item."""
+    """What FileSystemWriter asks of a planner while it writes: the data of each item (paced by ``throttle``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: "_Throttle | None" = None) -> None:
         self.data: dict[MetadataIndex, Any] = {}
+        self.throttle = throttle
 
     def resolve_data(self, item: WriteItem) -> Any:
         d = self.data[item.index]
+        if self.throttle is not None:
+            self.throttle.take(len(d) if isinstance(d, bytes) else d.numel() * d.element_size())
         return io.BytesIO(d) if isinstance(d, bytes) else d
 
 
@@ -214,127 +217,214 @@ def _digest(value: Any) -> int:
 def write_version(root: Path, job: str, step: int, ranks: dict[int, tuple[Manifest, Any]],
                   views: dict[int, dict[int, torch.Tensor]], keep: int | None = None) -> tuple[Path, int, int]:
     """Write one version (every rank given) as a complete step directory; returns (path, bytes, files)."""
-    final = step_dir(root, job, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    part = partial_dir(root, job, step, f"export-{os.getpid()}")
+    shutil.rmtree(part, ignore_errors=True)
     try:
-        whole = _whole_tensors(ranks, views)
-        state_md: dict[str, Any] = {}
-        planner_data: dict = {}
-        first: dict[tuple, tuple[int, int]] = {}        # (fqn, offsets) -> (rank, digest) that DCP names
-        where: dict[tuple, Any] = {}                     # (rank, fqn, offsets) -> WriteResult
-        owner: dict[tuple, tuple] = {}                   # (rank, fqn, offsets) -> the (rank, ...) whose bytes serve
-        per_rank_ids: dict[int, dict[int, tuple]] = {}   # rank -> id(view) -> (fqn, offsets)
-        plans: dict[int, tuple[SavePlan, _Planner]] = {}
-        digests: dict[tuple, int] = {}                   # (rank, fqn, offsets) -> xxh3 of the item's bytes
-        for r, (_m, skeleton) in sorted(ranks.items()):
-            shards: dict[int, list[int]] = {}
-            sizes: dict[int, list[int]] = {}
-            sd = materialize(skeleton, views[r], r, shards, sizes, whole)
-            if not isinstance(sd, dict):
-                raise IntegrityError(f"rank {r}: the saved state is not a map")
-            flat, mappings = flatten_state_dict(sd)
-            for k, pth in mappings.items():
-                planner_data.setdefault(k, pth)
-            planner, items, ids = _Planner(), [], {}
-            for fqn, value in flat.items():
-                if isinstance(value, torch.Tensor):
-                    offs = shards.get(id(value), [0] * value.dim())
-                    key = (fqn, tuple(offs))
-                    ids[id(value)] = key
-                    gsize = torch.Size(sizes.get(id(value), list(value.shape)))
-                    props = TensorProperties.create_from_tensor(value)
-                    kind = WriteItemType.SHARD if id(value) in shards else WriteItemType.TENSOR
-                    item = WriteItem(index=MetadataIndex(fqn, offs), type=kind, tensor_data=TensorWriteData(
-                        chunk=ChunkStorageMetadata(offsets=torch.Size(offs), sizes=value.shape),
-                        properties=props, size=gsize))
-                    data: Any = value
-                else:
-                    buf = io.BytesIO()
-                    torch.save(value, buf)
-                    data = buf.getvalue()
-                    key = (fqn, ())
-                    item = WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
-                digest = _digest(data)
-                digests[(r, *key)] = digest
-                if key in first and first[key][1] == digest:
-                    owner[(r, *key)] = (first[key][0], *key)  # the same bytes are written already
-                    continue
-                owner[(r, *key)] = (r, *key)
-                if key not in first:
-                    first[key] = (r, digest)
-                    if item.type == WriteItemType.BYTE_IO:
-                        state_md[fqn] = BytesStorageMetadata()
-                    else:
-                        tmd = state_md.setdefault(fqn, TensorStorageMetadata(
-                            properties=item.tensor_data.properties, size=item.tensor_data.size, chunks=[]))
-                        if not isinstance(tmd, TensorStorageMetadata) or tmd.size != item.tensor_data.size:
-                            raise IntegrityError(f"{fqn}: ranks disagree on what it is (a value, or tensors of "
-                                                 "different global sizes)")
-                        tmd.chunks.append(item.tensor_data.chunk)
-                planner.data[item.index] = data
-                items.append(item)
-            per_rank_ids[r] = ids
-            plans[r] = (SavePlan(items, storage_data=_StoragePrefix(f"__{r}_")), planner)
-
-        writer = FileSystemWriter(tmp, sync_files=True)
-        writer.set_up_storage_writer(True)
-        writer.reset()
-        nbytes, files = 0, 0
-        for r, (plan, planner) in sorted(plans.items()):
-            if not plan.items:
-                continue
-            for wr in writer.write_data(plan, planner).wait():
-                where[(r, wr.index.fqn, tuple(wr.index.offset or ()))] = wr
-                nbytes += wr.size_in_bytes
-            files += 1
-        results = [[where[(rk, *key)] for key, (rk, _d) in first.items()]]
-        meta = Metadata(state_dict_metadata=state_md, planner_data=planner_data)
-
-        # shardkeep's own record: every rank's skeleton and where each of its tensors lies (its own bytes)
-        def loc(r: int, key: tuple) -> list:
-            """[file, offset, length, transforms, xxh3 of the tensor's bytes] of rank r's item ``key``."""
-            wr = where[owner[(r, *key)]]
-            si = wr.storage_data
-            return [si.relative_path, si.offset, si.length, list(si.transform_descriptors or []),
-                    digests[owner[(r, *key)]]]
-
-        manifest: dict[str, Any] = {"format": FORMAT, "job": job, "step": step, "ranks": {}}
-        for r, (m, skeleton) in sorted(ranks.items()):
-            ids = per_rank_ids[r]
-            manifest["ranks"][r] = {
-                "world_size": m.world_size, "skeleton": m.skeleton,
-                "tensors": [loc(r, ids[id(t)]) if id(t) in ids else None
-                            for t in (views[r][i] for i in range(len(m.tensors)))],
-                "dtypes": [e.dtype for e in m.tensors], "shapes": [list(e.shape) for e in m.tensors],
-            }
-            wholes = {}
-            for g, t in whole.items():
-                key = ids.get(id(t))
-                if key is not None:
-                    wholes[g] = loc(r, key)
-            if wholes:
-                manifest["ranks"][r]["dpshard"] = wholes
-        _write_file(tmp / MANIFEST_NAME, msgpack.packb(manifest, use_bin_type=True))
-        writer.finish(meta, results)  # .metadata (DCP's pickle: written here, never read by shardkeep), fsynced
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.parent / f".step-{step}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        written = write_part(part, ranks, views, mine=sorted(ranks))
+        path = commit_version(root, job, step, part, [written], keep=keep)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(part, ignore_errors=True)
         raise
+    return path, sum(i["size"] for r in written["ranks"].values() for i in r["items"]), written["files"]
+
+
+def partial_dir(root: Path, job: str, step: int, tag: str) -> Path:
+    """Where the ranks' files of a version being written go (every node of a group the same one)."""
+    return Path(root) / check_job_id(job) / f".step-{step}.{tag}"
+
+
+class _Throttle:
+    def __init__(self, rate: float) -> None:
+        self.rate, self.t0, self.n = rate, time.monotonic(), 0
+
+    def take(self, nbytes: int) -> None:
+        """Sleep until ``nbytes`` more keep the average under ``rate`` bytes/s (0: no limit)."""
+        self.n += nbytes
+        if self.rate > 0:
+            ahead = self.n / self.rate - (time.monotonic() - self.t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def write_part(part: Path, ranks: dict[int, tuple[Manifest, Any]], views: dict[int, dict[int, torch.Tensor]],
+               mine: list[int], rate: float = 0.0) -> dict:
+    """Write the files of the ranks ``mine`` (every rank's manifest and skeleton given; ``views`` of mine, and
+    of the others only what dp_shard needs) into ``part``; returns what ``commit_version`` needs, plain data.
+
+    Within the ranks written here, an item with the same key and bytes as a lower rank's is written once. The
+    rank holding the lowest rank of a dp_shard group's slices writes the whole tensors."""
+    part.mkdir(parents=True, exist_ok=True)
+    whole = _whole_tensors(ranks, views) if 0 in mine and any(_has_dpshard(sk) for _, sk in ranks.values()) else {}
+    throttle = _Throttle(rate)
+    out: dict[str, Any] = {"ranks": {}, "files": 0}
+    seen: dict[tuple, tuple[int, int]] = {}      # key -> (rank, digest) written here first
+    writer = FileSystemWriter(part, sync_files=True)
+    writer.set_up_storage_writer(True)
+    writer.reset()
+    for r in mine:
+        m, skeleton = ranks[r]
+        shards: dict[int, list[int]] = {}
+        sizes: dict[int, list[int]] = {}
+        sd = materialize(skeleton, views[r], r, shards, sizes, whole if r == 0 else None)
+        if not isinstance(sd, dict):
+            raise IntegrityError(f"rank {r}: the saved state is not a map")
+        flat, mappings = flatten_state_dict(sd)
+        planner, items, ids, rec = _Planner(throttle), [], {}, []
+        for fqn, value in flat.items():
+            if value is _SKIP:  # a dp_shard slice of another rank than 0: rank 0 writes the whole tensor
+                continue
+            if isinstance(value, torch.Tensor):
+                offs = shards.get(id(value), [0] * value.dim())
+                key = (fqn, tuple(offs))
+                ids[id(value)] = key
+                gsize = torch.Size(sizes.get(id(value), list(value.shape)))
+                props = TensorProperties.create_from_tensor(value)
+                kind = WriteItemType.SHARD if id(value) in shards else WriteItemType.TENSOR
+                item = WriteItem(index=MetadataIndex(fqn, offs), type=kind, tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offs), sizes=value.shape),
+                    properties=props, size=gsize))
+                data: Any = value
+            else:
+                buf = io.BytesIO()
+                torch.save(value, buf)
+                data = buf.getvalue()
+                key = (fqn, ())
+                item = WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
+            digest = _digest(data)
+            if key in seen and seen[key][1] == digest:
+                rec.append(_item_record(item, digest, seen[key][0]))  # the same bytes, written already
+                continue
+            seen.setdefault(key, (r, digest))
+            planner.data[item.index] = data
+            items.append(item)
+            rec.append(_item_record(item, digest, r))
+        results = {}
+        if items:
+            for wr in writer.write_data(SavePlan(items, storage_data=_StoragePrefix(f"__{r}_")), planner).wait():
+                results[(wr.index.fqn, tuple(wr.index.offset or ()))] = wr
+            out["files"] += 1
+        for it in rec:
+            if it["writer"] == r:  # written by this rank: its place in the file
+                wr = results[(it["fqn"], tuple(it["offsets"]))]
+                si = wr.storage_data
+                it.update(file=si.relative_path, offset=si.offset, length=si.length,
+                          transforms=list(si.transform_descriptors or []), size=wr.size_in_bytes)
+        out["ranks"][r] = {
+            "items": rec, "skeleton": m.skeleton, "world_size": m.world_size, "mappings": {k: list(v) for k, v in
+                                                                                          mappings.items()},
+            "tensors": [list(ids[id(t)]) if id(t) in ids else None
+                        for t in (views[r][i] for i in range(len(m.tensors)))],
+            "dtypes": [e.dtype for e in m.tensors], "shapes": [list(e.shape) for e in m.tensors],
+            "dpshard": {g: list(ids[id(t)]) for g, t in whole.items() if id(t) in ids} if r == 0 else {},
+        }
+    return out
+
+
+_SKIP = object()
+
+
+def _has_dpshard(skeleton: Any) -> bool:
+    from .dpshard import has_shards
+
+    return has_shards(skeleton)
+
+
+def _item_record(item: WriteItem, digest: int, writer_rank: int) -> dict:
+    """One item of a rank, as plain data: key, kind, what DCP's metadata needs, and (once written) its place;
+    ``writer``: the rank whose file holds its bytes (a lower rank here with the same bytes, or itself)."""
+    td = item.tensor_data
+    return {"fqn": item.index.fqn, "offsets": list(item.index.offset or ()), "kind": item.type.name,
+            "dtype": None if td is None else str(td.properties.dtype).removeprefix("torch."),
+            "requires_grad": False if td is None else bool(td.properties.requires_grad),
+            "size": 0, "global": None if td is None else list(td.size),
+            "chunk": None if td is None else list(td.chunk.sizes),
+            "digest": digest, "writer": writer_rank, "file": None, "offset": 0, "length": 0, "transforms": []}
+
+
+def commit_version(root: Path, job: str, step: int, part: Path, parts: list[dict], keep: int | None = None) -> Path:
+    """Every rank's files are in ``part``: write DCP's ``.metadata`` and shardkeep's manifest, rename the
+    directory to ``step-<step>``, point ``latest`` at it. ``parts``: what each ``write_part`` returned."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    ranks: dict[int, dict] = {}
+    for p in parts:
+        for r, entry in p["ranks"].items():
+            ranks[int(r)] = entry
+    world = {e["world_size"] for e in ranks.values()}
+    if len(world) != 1 or sorted(ranks) != list(range(next(iter(world)))):
+        raise IntegrityError(f"job {job!r} step {step}: the parts hold ranks {sorted(ranks)} of a world of {world}")
+    placed: dict[tuple, dict[int, dict]] = {}  # key -> {writer rank: record}
+    for r in sorted(ranks):
+        for it in ranks[r]["items"]:
+            if it["writer"] == r:
+                placed.setdefault((it["fqn"], tuple(it["offsets"])), {})[r] = it
+    state_md: dict[str, Any] = {}
+    planner_data: dict = {}
+    results = []
+    for r in sorted(ranks):
+        for k, pth in ranks[r]["mappings"].items():
+            planner_data.setdefault(k, tuple(pth))
+    for key, by_rank in placed.items():  # DCP names the lowest rank's item of each key
+        it = by_rank[min(by_rank)]
+        fqn, offs = it["fqn"], it["offsets"]
+        if it["kind"] == "BYTE_IO":
+            state_md[fqn] = BytesStorageMetadata()
+        else:
+            props = TensorProperties(dtype=getattr(torch, it["dtype"]), requires_grad=it["requires_grad"])
+            tmd = state_md.setdefault(fqn, TensorStorageMetadata(properties=props, size=torch.Size(it["global"]),
+                                                                 chunks=[]))
+            if not isinstance(tmd, TensorStorageMetadata) or list(tmd.size) != it["global"]:
+                raise IntegrityError(f"{fqn}: ranks disagree on what it is")
+            tmd.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(it["chunk"])))
+        results.append(WriteResult(index=MetadataIndex(fqn, offs if it["kind"] != "BYTE_IO" else None),
+                                   size_in_bytes=it["size"],
+                                   storage_data=_StorageInfo(it["file"], it["offset"], it["length"],
+                                                             it["transforms"] or None)))
+
+    def loc(r: int, key: list | None) -> list | None:
+        """[file, offset, length, transforms, xxh3] of rank r's item: its own, or the lowest rank's copy."""
+        if key is None:
+            return None
+        by_rank = placed.get((key[0], tuple(key[1])), {})
+        mine = next((it for it in ranks[r]["items"] if it["fqn"] == key[0] and tuple(it["offsets"]) == tuple(key[1])),
+                    None)
+        if mine is None:
+            raise IntegrityError(f"rank {r}: no item {key}")
+        it = by_rank.get(mine["writer"])
+        if it is None:
+            raise IntegrityError(f"rank {r}'s item {key} was written by rank {mine['writer']}, whose files are missing")
+        return [it["file"], it["offset"], it["length"], it["transforms"], mine["digest"]]
+
+    manifest: dict[str, Any] = {"format": FORMAT, "job": job, "step": step, "ranks": {}}
+    for r, e in sorted(ranks.items()):
+        manifest["ranks"][r] = {"world_size": e["world_size"], "skeleton": e["skeleton"],
+                                "tensors": [loc(r, k) for k in e["tensors"]], "dtypes": e["dtypes"],
+                                "shapes": e["shapes"]}
+    wholes = {int(g): loc(0, k) for g, k in ranks[0].get("dpshard", {}).items()}
+    for r in manifest["ranks"]:
+        if wholes:
+            manifest["ranks"][r]["dpshard"] = wholes
+    meta = Metadata(state_dict_metadata=state_md, planner_data=planner_data)
+    _write_file(part / MANIFEST_NAME, msgpack.packb(manifest, use_bin_type=True))
+    writer = FileSystemWriter(part, sync_files=True)
+    writer.set_up_storage_writer(True)
+    writer.reset()
+    writer.finish(meta, [results])  # .metadata (DCP's pickle: written here, never read by shardkeep), fsynced
+    _fsync_dir(part)
+    final = step_dir(root, job, step)
+    if final.exists():
+        old = final.parent / f".step-{step}.old-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(part, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(part, final)
+    _fsync_dir(final.parent)
     point_latest(final.parent, step)
     if keep is not None:
         prune(final.parent, keep)
-    return final, nbytes, files
+    return final
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -107,6 +107,21 @@ class Version:
                                       raw=False, strict_map_key=False)
         except (ValueError, msgpack.UnpackException) as exc:
             raise IntegrityError(f"locate: manifests unreadable: {exc!r}") from None
+        ranks = self._ranks(by_node)
+        world = {m.manifest.world_size for m in ranks.values()}
+        whole = len(world) == 1 and sorted(ranks) == list(range(next(iter(world))))
+        if self.level == "local" and not whole:
+            raise NotFoundError(
+                f"job {self.job!r} step {self.step} is not at group level (the group keeps each job's newest "
+                f"group-level version); only the ranks on this node, {sorted(ranks)}, can be read, of a "
+                f"world of {sorted(world)}: read the newest version, or from a node that holds every rank")
+        if not whole:
+            raise NotFoundError(f"job {self.job!r} step {self.step}: the group holds ranks {sorted(ranks)} of a "
+                                f"world of {sorted(world)}; a rank's node is missing (recover it first)")
+        self.ranks = ranks
+        return self
+
+    def _ranks(self, by_node: dict) -> dict[int, RankAt]:
         ranks: dict[int, RankAt] = {}
         for node, mine in sorted(by_node.items()):
             if isinstance(mine, (bytes, bytearray)):  # a node's manifests as it sent them with its local-commit
@@ -123,17 +138,13 @@ class Version:
                                          f"{m.step} for rank {rank} of {self.job!r} step {self.step}")
                 ranks[int(rank)] = RankAt(int(node), offset, m, sk)
                 offset += m.data_bytes
-        world = {m.manifest.world_size for m in ranks.values()}
-        whole = len(world) == 1 and sorted(ranks) == list(range(next(iter(world))))
-        if self.level == "local" and not whole:
-            raise NotFoundError(
-                f"job {self.job!r} step {self.step} is not at group level (the group keeps each job's newest "
-                f"group-level version); only the ranks on this node, {sorted(ranks)}, can be read, of a "
-                f"world of {sorted(world)}: read the newest version, or from a node that holds every rank")
-        if not whole:
-            raise NotFoundError(f"job {self.job!r} step {self.step}: the group holds ranks {sorted(ranks)} of a "
-                                f"world of {sorted(world)}; a rank's node is missing (recover it first)")
-        self.ranks = ranks
+        return ranks
+
+    def use(self, step: int, node: int, by_node: dict, epoch: int = 0, level: str = "group") -> "Version":
+        """Take the version's manifests as given (``{node: {rank: manifest}}``, what ``locate`` returns) rather
+        than ask: the persist tier's worker gets them from its daemon, which pinned the version."""
+        self.step, self.node, self.epoch, self.level = step, node, epoch, level
+        self.ranks = self._ranks(by_node)
         return self
 
     def open(self, rank: int, need: set[int]):

@@ -24,6 +24,8 @@ _FLAG_KEYS = {
     "slots": "slots", "job_ttl": "job_ttl", "log_level": "log_level", "log_format": "log_format",
     "metrics_port": "metrics_port", "metrics_host": "metrics_host", "trainer_group": "trainer_group",
     "max_request_rate": "max_request_rate", "peers": "peers", "node": "node",
+    "persist_dir": "persist_dir", "persist_every": "persist_every", "persist_rate": "persist_rate",
+    "persist_keep": "persist_keep",
     "parity": "parity", "data_port": "data_port", "advertise": "advertise", "curve_secret": "curve_secret",
     "curve_public_dir": "curve_public_dir", "insecure": "insecure", "encrypt_data": "encrypt_data",
     "heartbeat": "timeouts.heartbeat", "peer_timeout": "timeouts.peer_down",
@@ -70,6 +72,18 @@ def add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin-lease", type=float,
                    help=f"a restore pin whose reader vanished is dropped after this many seconds "
                         f"(default: {t.pin_lease:g})")
+    g = p.add_argument_group("persist tier (off without --persist-dir)")
+    g.add_argument("--persist-dir", metavar="DIR",
+                   help="storage every node of the group shares (NFS, a parallel file system): every Nth "
+                        "group-level version is written to DIR/<job>/step-<step> in DCP's layout by a worker "
+                        "process, DIR/<job>/latest moved once every node's files are in (default: off; with it "
+                        "--slots defaults to 3)")
+    g.add_argument("--persist-every", type=int, metavar="N",
+                   help="persist a version when its step crosses a multiple of N (default: 10)")
+    g.add_argument("--persist-rate", type=_size, metavar="BYTES",
+                   help="bytes per second this node's worker writes at most, e.g. 200MB (default: 256MiB; 0 = no "
+                        "limit)")
+    g.add_argument("--persist-keep", type=int, metavar="K", help="step directories kept per job (default: 3)")
     g = p.add_argument_group("group (omit --peers for a single node)")
     g.add_argument("--peers",
                    help="comma-separated control addresses of the group, in order: tcp://HOST0:PORT0,... "

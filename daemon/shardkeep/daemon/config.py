@@ -28,6 +28,11 @@ class DaemonConfig:
     metrics_host: str = "127.0.0.1"
     trainer_group: str = ""            # multi-user mode: trainers of this group, slots by descriptor
     max_request_rate: float = 10000.0  # requests/s per trainer connection (bursts of twice that); 0: no limit
+    # persist tier (off without persist_dir): every Nth group-level version to shared storage, DCP's layout
+    persist_dir: str = ""
+    persist_every: int = 10            # persist a version when its step crosses a multiple of this
+    persist_rate: int = 256 << 20      # bytes/s each node's worker writes at most; 0: no limit
+    persist_keep: int = 3              # step directories kept per job
     timeouts: Timeouts = field(default_factory=Timeouts)
     # group (no peers: a group of one, the single-node mode)
     node: int = 0                      # -1 ("auto"): the --peers entry whose host is --advertise
@@ -54,6 +59,14 @@ class DaemonConfig:
             resolve_group(self.trainer_group)  # ValueError naming it
         if self.max_request_rate < 0:
             raise ValueError(f"max_request_rate must be >= 0 (0: no limit), got {self.max_request_rate}")
+        if self.persist_every < 1:
+            raise ValueError(f"persist_every must be >= 1, got {self.persist_every}")
+        if self.persist_keep < 1:
+            raise ValueError(f"persist_keep must be >= 1, got {self.persist_keep}")
+        if self.persist_rate < 0:
+            raise ValueError(f"persist_rate must be >= 0 bytes/s (0: no limit), got {self.persist_rate}")
+        if self.persist_dir and not os.path.isabs(self.persist_dir):
+            raise ValueError(f"persist_dir must be an absolute path, got {self.persist_dir!r}")
         if self.job_ttl < 0:
             raise ValueError(f"job_ttl must be >= 0 seconds, got {self.job_ttl}")
         if not 2 <= self.slots <= 8:
@@ -191,6 +204,7 @@ SETTINGS: dict[str, Any] = {
     "socket": _p_str, "shm_prefix": _p_str, "memory_limit": _p_size, "state_dir": _p_str, "slots": _p_int,
     "job_ttl": _p_float, "log_level": _p_level, "log_format": _p_log_format, "metrics_port": _p_int,
     "metrics_host": _p_str, "trainer_group": _p_str, "max_request_rate": _p_float,
+    "persist_dir": _p_str, "persist_every": _p_int, "persist_rate": _p_size, "persist_keep": _p_int,
     "node": _p_node, "peers": _p_peers, "parity": _p_int, "data_port": _p_int, "advertise": _p_str,
     "curve_secret": _p_str, "curve_public_dir": _p_str, "insecure": _p_bool, "encrypt_data": _p_bool,
     **{f"timeouts.{f.name}": _p_float for f in dataclasses.fields(Timeouts)},
@@ -250,6 +264,8 @@ def load_config(flags: dict[str, Any], env: Mapping[str, str] | None = None,
             source[k] = f"env {env_name(k)}" if where == "env" else where
     tkw = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("timeouts.")}
     kw = {k: v for k, v in values.items() if not k.startswith("timeouts.")}
+    if kw.get("persist_dir") and "slots" not in kw:  # a version pinned while it is persisted holds a slot
+        kw["slots"], source["slots"] = 3, "default with persist_dir"
     cfg = DaemonConfig(**kw, timeouts=Timeouts(**tkw))
     return cfg, source
 

@@ -50,6 +50,7 @@ class Group:
         self.codec = codec
         self.on_fenced = on_fenced
         self.on_skip = on_skip
+        self.on_persist_done: Callable[[int, dict, bytes], None] | None = None  # the persist tier's coordinator
         self.node: int = cfg.node
         self.n = len(cfg.peers)
         self.placement = Placement(self.n, cfg.parity)
@@ -307,6 +308,12 @@ class Group:
             if self.on_skip is not None:
                 self.on_skip(msg.src, msg.fields)
             return None
+        if msg.type == "persist-done":
+            if self.on_persist_done is None:
+                raise ProtocolError(f"node {self.node} has no persist tier (--persist-dir)")
+            frame = msg.payload[0]
+            self.on_persist_done(msg.src, msg.fields, frame.bytes if hasattr(frame, "bytes") else bytes(frame))
+            return {}
         if msg.type == "pull" and self.gc is not None:
             self.gc._spawn(self.gc.serve_pull(msg.src, msg.fields))
             return None

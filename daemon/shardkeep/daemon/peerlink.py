@@ -184,8 +184,9 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "committed": ({"job": _job, "step": STEP}, {"history": HISTORY, "level": _enum("local", "group")}, 0),
     "abort": ({"job": _job, "step": STEP}, {"history": HISTORY, "reason": REASON}, 0),
     "finish": ({"job": _job}, {}, 0),
+    # payload: what the node's persist worker wrote (msgpack, see client/export.py write_part)
     "persist-done": ({"job": _job, "step": STEP},
-                     {"history": HISTORY, "files": _list(_str(4096), 1 << 16), "bytes": SIZE}, 0),
+                     {"history": HISTORY, "files": _list(_str(4096), 1 << 16), "bytes": SIZE}, 1),
     # remote read and rebuild
     "fetch": ({"job": _job, "step": STEP},
               {"history": HISTORY, "rank": RANK, "stripe": NODE, "what": _enum("data", "parity", "manifest", "payload"),

@@ -77,6 +77,7 @@ class Daemon:
         self._group_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.recover_progress: dict = {}
         self.unrecoverable: dict[str, str] = {}  # job -> why `recover` could not rebuild it here
+        self.persister = None    # the persist tier (persist.Persister), with --persist-dir
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -229,6 +230,12 @@ class Daemon:
             for job, step, _epoch in self.group.gc.adopt_saved(self._payload):
                 self.jobs[job].group_recorded = [step]
             await self.group.start()
+        if self.cfg.persist_dir:
+            from .persist import Persister
+
+            self.persister = Persister(self)
+            if self.group is not None:
+                self.group.on_persist_done = self.persister.part_in
         sock = self._bind()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -551,6 +558,8 @@ class Daemon:
         metrics.SNAPSHOT_BYTES.labels(job.job).inc(m.data_bytes)
         if recorded and self.group is not None:
             self._group_commit(job, step)
+        elif recorded and self.persister is not None and step in job.restorable():  # a single node: local level
+            self.persister.version_committed(job, step, 0, [job.find(r, step) for r in job.local_ranks()])
         return {"status": "committed", "level": "local", "recorded": recorded, "history": job.history,
                 "group": self.group is not None}
 
@@ -608,6 +617,8 @@ class Daemon:
             metrics.GROUP_COMMIT.labels("group" if ok else "local").observe(time.monotonic() - t0)
             if ok and self.jobs.get(job.job) is job and any(s.step == step for s in slots):
                 job.group_recorded = (job.group_recorded + [step])[-16:]
+                if self.persister is not None and all(s.step == step for s in slots):
+                    self.persister.version_committed(job, step, epoch, slots)
                 # the new group-level version replaces every other of the job (older steps, other launches)
                 for old in [k for k in self.group.gc.versions if k[0] == job.job and k != (job.job, step, epoch)
                             and (k[1] < step or k[2] != epoch)]:
@@ -836,6 +847,7 @@ class Daemon:
             "jobs": jobs,
             "group": self.group.status() if self.group is not None else None,
             "recover": self.recover_progress or None,
+            "persist": self.persister.status() if self.persister is not None else None,
         }
 
 
