@@ -32,7 +32,7 @@ def latest(job_dir: Path) -> str | None:
         return None
 
 
-@pytest.mark.parametrize("kind", ["dp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["dp", "dp-shard", "fsdp2"])
 def test_the_group_persists_and_plain_dcp_reads_it_and_restore_falls_back_to_it(make_daemon, job_id, tmp_path, kind):
     persist = tmp_path / "shared"
     ds = persist_group(make_daemon, 2, 1, persist)

@@ -59,6 +59,9 @@ class Persister:
         self.parts: dict[tuple[str, int, int], dict[int, bytes]] = {}  # coordinator: (job, step, epoch) -> parts
         self.tasks: set[asyncio.Task] = set()
         self.busy: set[str] = set()                         # jobs whose part this node is writing now
+        # group-level versions kept while this node's part is written (rank 0's node reads other nodes'
+        # dp_shard slices of the version over the peer plane): released after, if a newer one replaced them
+        self.holding: set[tuple[str, int, int]] = set()
         self.stats: dict[str, Any] = {"started": 0, "written": 0, "committed": 0, "failed": 0, "last_error": "",
                                       "newest": {}}
 
@@ -103,6 +106,8 @@ class Persister:
             by_node = {0: {s.header.rank: bytes(s.mm[s.header.manifest_offset:
                                                       s.header.manifest_offset + s.header.manifest_len])
                            for s in slots}}
+        if group is not None:
+            self.holding.add((job.job, step, epoch))
         self._spawn(self._node(job.job, step, epoch, node, by_node, slots, token))
 
     def _spawn(self, coro) -> None:
@@ -129,10 +134,20 @@ class Persister:
             self._failed(job, step, f"node {node}'s part: {exc}")
         finally:
             self.busy.discard(job)
+            self._unhold((job, step, epoch))
             for s in slots:
                 s.pins.pop(token, None)
             task_file.unlink(missing_ok=True)
             out_file.unlink(missing_ok=True)
+
+    def _unhold(self, key: tuple[str, int, int]) -> None:
+        if key not in self.holding:
+            return
+        self.holding.discard(key)
+        gc = self.d.group.gc
+        if key in gc.versions and any(k[0] == key[0] and k[1] > key[1] and v.decided == "commit"
+                                      for k, v in gc.versions.items()):
+            gc.release(*key)  # a newer group-level version replaced it meanwhile
 
     async def _send_part(self, job: str, step: int, epoch: int, node: int, part: bytes) -> None:
         group = self.d.group

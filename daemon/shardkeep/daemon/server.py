@@ -620,8 +620,9 @@ class Daemon:
                 if self.persister is not None and all(s.step == step for s in slots):
                     self.persister.version_committed(job, step, epoch, slots)
                 # the new group-level version replaces every other of the job (older steps, other launches)
+                held = self.persister.holding if self.persister is not None else set()
                 for old in [k for k in self.group.gc.versions if k[0] == job.job and k != (job.job, step, epoch)
-                            and (k[1] < step or k[2] != epoch)]:
+                            and (k[1] < step or k[2] != epoch) and k not in held]:  # (a persist still reads it)
                     self.faults.hit(Phase.RELEASE)
                     self.group.gc.release(*old)  # parity of older versions: the new one replaces it
             if not waiter.done():
