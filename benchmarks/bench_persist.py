@@ -123,7 +123,8 @@ def main() -> int:
         print(f"{r['run']:22} {r['blocked_ms_median']:22.2f}ms {r['blocked_ms_p90']:6.2f}ms "
               f"{r['blocked_ms_max']:6.2f}ms {r['step_s_median']:11.3f}s {r['skipped']:8d}")
     p = rows[1]["persist"] or {}
-    print(f"persisted versions: {p.get('committed')} (failed {p.get('failed')}), newest {p.get('newest')}")
+    print(f"persisted versions: {p.get('committed')} (failed {p.get('failed')}; due while the previous one was "
+          f"still being written, so skipped: {p.get('skipped_busy')}), newest {p.get('newest')}")
     print("JSON " + json.dumps(rows))
     return 0
 

@@ -99,3 +99,28 @@ def test_a_single_node_persists_every_nth_version_and_keeps_k(make_daemon, job_i
     got = {"w": torch.zeros(4096)}
     dcp.load(got, storage_reader=dcp.FileSystemReader(job_dir / "latest"))
     assert torch.equal(got["w"], torch.full((4096,), 6.0))
+
+
+def test_a_version_due_while_the_previous_is_still_written_is_skipped_whole(make_daemon, job_id, tmp_path):
+    """A slow disk makes persists rarer, never piles up pinned slots: the node skips a due version while it
+    still writes an older one, the coordinator drops that version's partial directory, and a later one goes."""
+    import torch
+
+    from shardkeep.client import Snapshotter
+
+    persist = tmp_path / "shared"
+    d = make_daemon(["--persist-dir", str(persist), "--persist-every", "1", "--persist-rate", "2MB"])
+    job_dir = persist / job_id
+    with Snapshotter(d.socket, job_id, rank=0, world_size=1) as snap:
+        state = {"w": torch.zeros(2 << 20)}  # 8 MB: 4 s at 2 MB/s
+        for step in range(4):
+            state["w"].fill_(step)
+            res = snap.snapshot(state, step).result(timeout=30)
+            assert res.status == "committed", res  # no slot stays pinned by a pile of persists
+        wait_until(lambda: d.status()["persist"]["running"] == 0, timeout=60, what="the persists done")
+        st = d.status()["persist"]
+        assert st["committed"] == 1 and st["skipped_busy"] == 3 and st["failed"] == 0, st
+        assert latest(job_dir) == "step-0" and sorted(p.name for p in job_dir.iterdir()) == ["latest", "step-0"]
+        state["w"].fill_(4)
+        assert snap.snapshot(state, 4).result(timeout=30).status == "committed"
+        wait_until(lambda: latest(job_dir) == "step-4", timeout=60, what="step 4 persisted")

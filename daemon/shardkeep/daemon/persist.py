@@ -45,6 +45,17 @@ def latest_step(job_dir: Path) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
+def _skipped(part: bytes) -> bool:
+    """A node's part that says it skipped the version (small: a real part is a map with "ranks")."""
+    if len(part) > 4096:
+        return False
+    try:
+        d = msgpack.unpackb(part, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return False
+    return isinstance(d, dict) and "skipped" in d
+
+
 class Persister:
     def __init__(self, daemon: Any) -> None:
         self.d = daemon
@@ -62,8 +73,8 @@ class Persister:
         # group-level versions kept while this node's part is written (rank 0's node reads other nodes'
         # dp_shard slices of the version over the peer plane): released after, if a newer one replaced them
         self.holding: set[tuple[str, int, int]] = set()
-        self.stats: dict[str, Any] = {"started": 0, "written": 0, "committed": 0, "failed": 0, "last_error": "",
-                                      "newest": {}}
+        self.stats: dict[str, Any] = {"started": 0, "written": 0, "committed": 0, "failed": 0, "skipped_busy": 0,
+                                      "last_error": "", "newest": {}}
 
     # --- status ---------------------------------------------------------------------------------------------
 
@@ -88,15 +99,20 @@ class Persister:
         """(job, step) reached group level here (or local level, single node): persist it if it is due."""
         if not self.due(job, step):
             return
+        group = self.d.group
         if job.job in self.busy:
-            log.warning("job %s: persist of step %d starts while an older version is still being written here "
-                        "(each pins a slot: make --persist-every larger or --persist-rate higher)", job.job, step)
+            # still writing an older version: not this one (each pins a slot, snapshots would skip); the other
+            # nodes may have started it, so the coordinator is told, and drops the version's partial directory
+            log.warning("job %s: persist of step %d is due while an older version is still being written here: "
+                        "skipped (make --persist-every larger or --persist-rate higher)", job.job, step)
+            self.stats["skipped_busy"] += 1
+            self._spawn(self._send_skip(job.job, step, epoch, group.node if group is not None else 0))
+            return
         self.busy.add(job.job)
         self.last[job.job] = step
         token = f"persist-{step}-{epoch}"
         for s in slots:  # the version must stay whole until the worker has read it
             s.pins[token] = time.monotonic() + WORKER_LIMIT_S
-        group = self.d.group
         if group is not None and group.gc is not None:
             node = group.node
             by_node = {n: msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -149,6 +165,12 @@ class Persister:
                                       for k, v in gc.versions.items()):
             gc.release(*key)  # a newer group-level version replaced it meanwhile
 
+    async def _send_skip(self, job: str, step: int, epoch: int, node: int) -> None:
+        try:
+            await self._send_part(job, step, epoch, node, msgpack.packb({"skipped": "busy with an older version"}))
+        except ShardkeepError as exc:
+            log.warning("job %s step %d: telling the coordinator this node skipped it failed: %s", job, step, exc)
+
     async def _send_part(self, job: str, step: int, epoch: int, node: int, part: bytes) -> None:
         group = self.d.group
         coord = group.coordinator() if group is not None else 0
@@ -195,6 +217,12 @@ class Persister:
         n = self.d.group.placement.n if self.d.group is not None else 1
         if len(parts) == n:
             del self.parts[key]
+            busy = [j for j, p in sorted(parts.items()) if _skipped(p)]
+            if busy:
+                log.info("job %s step %d not persisted: nodes %s were still writing an older version", key[0],
+                         key[1], busy)
+                shutil.rmtree(self.root / key[0] / f".step-{key[1]}.p{key[2]}", ignore_errors=True)
+                return
             self._spawn(self._commit(*key, parts))
 
     def _give_up(self, key: tuple[str, int, int]) -> None:
