@@ -49,6 +49,15 @@ def render_status(st: dict[str, Any]) -> None:
         f"{st.get('adopted_slots', 0)}, bad slots dropped {st.get('dropped_bad_slots', 0)}"
         + (f"; metrics at {st['metrics']}" if st.get("metrics") else "")
     )
+    per = st.get("persist")
+    if per:
+        newest = ", ".join(f"{j} step {s}" for j, s in sorted(per.get("newest", {}).items())) or "none yet"
+        console.print(
+            f"persist tier: {per['dir']} every {per['every']} steps, keep {per['keep']}; committed "
+            f"{per.get('committed', 0)}, running {per.get('running', 0)}, skipped while busy "
+            f"{per.get('skipped_busy', 0)}, failed {per.get('failed', 0)}; newest: {newest}"
+            + (f"; last error: {per['last_error']}" if per.get("last_error") else "")
+        )
     grp = st.get("group")
     if grp:
         console.print(
