@@ -146,6 +146,15 @@ def test_single_daemon_round_trip_and_refusals(daemon, job_id, tmp_path, monkeyp
         assert snap.snapshot({"t": torch.ones(4)}, 1).result(timeout=30).status == "committed"
     with ShardkeepReader(job_id + "-plain") as r, dcp_raises(IntegrityError, "no DCP checkpoint"):
         dcp.load({"t": torch.zeros(4)}, storage_reader=r)
+    # non-tensor values never go through a planner's load_bytes (which unpickles): another planner is refused
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Unpickling(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raise AssertionError("load_bytes must never be called")
+
+    with ShardkeepReader() as r, dcp_raises(TypeError, "Unpickling loads non-tensor values its own way"):
+        dcp.load(dcp_worker.build(full, 1, blank=True), storage_reader=r, planner=Unpickling())
 
 
 def test_corrupted_shm_is_refused(daemon, job_id, monkeypatch):

@@ -8,18 +8,18 @@ back at any world size, on any node of the group: a rank's own node serves
 its data from shm, the others' over the daemons' peer data plane. DCP's
 planner does the resharding; this module only stores and finds chunks.
 
-Nothing here pickles. DCP's global metadata travels as msgpack in the
-coordinator's version; non-tensor values (DCP's "bytes" items) are stored as
-shardkeep leaves (None, bool, int, float, str, bytes and lists, tuples and
-dicts of them), so a value of another type is refused at save time with its
-key. At load time such a value is handed to the planner as a ``torch.save`` of
-the decoded leaf, made in this process, never bytes read from shm or a peer.
+Nothing here pickles or unpickles. DCP's global metadata travels as msgpack
+in the coordinator's version; non-tensor values (DCP's "bytes" items) are
+stored as shardkeep leaves (None, bool, int, float, str, bytes and lists,
+tuples and dicts of them), so a value of another type is refused at save time
+with its key. At load time a value is put straight where DCP's default planner
+puts it, never through ``planner.load_bytes`` (which would ``torch.load`` bytes
+with ``weights_only=False``); a planner that overrides ``load_bytes`` is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import re
@@ -313,6 +313,22 @@ class ShardkeepWriter(StorageWriter):
 # --- reader -------------------------------------------------------------------------------------
 
 
+def _set_value(planner: LoadPlanner, item: Any, value: Any) -> None:
+    """Put a non-tensor value (decoded from msgpack) where DCP's default planner would put it. Never through
+    ``planner.load_bytes``, which ``torch.load``s with ``weights_only=False``: another planner is refused."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    if type(planner).load_bytes is not DefaultLoadPlanner.load_bytes:
+        raise TypeError(f"DCP item {item.dest_index.fqn!r}: {type(planner).__name__} loads non-tensor values its own "
+                        "way (load_bytes unpickles them); ShardkeepReader hands non-tensor values only to DCP's "
+                        "default load planner, never as bytes to unpickle")
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[item.dest_index.fqn], value)
+    else:
+        planner.state_dict[item.dest_index.fqn] = value
+
+
 class ShardkeepReader(StorageReader):
     """``dcp.load`` from shardkeep's daemons, at any world size and on any node of the group.
 
@@ -401,10 +417,7 @@ class ShardkeepReader(StorageReader):
                     if item.type == LoadItemType.BYTE_IO:
                         if where.kind != "bytes":
                             raise IntegrityError(f"DCP item {item.storage_index.fqn!r} is stored as a tensor")
-                        buf = io.BytesIO()
-                        torch.save(body["bytes"][where.item][1], buf)
-                        buf.seek(0)
-                        planner.load_bytes(item, buf)
+                        _set_value(planner, item, body["bytes"][where.item][1])
                         continue
                     if where.kind != "tensor":
                         raise IntegrityError(f"DCP item {item.storage_index.fqn!r} is stored as a value")
