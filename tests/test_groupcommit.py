@@ -268,10 +268,11 @@ def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwr
             # the codec workers keep every segment mapped: once their heaps are warm, a version faults in
             # nothing (new segments: ~4 x 12 MiB of ring and 4 x 2 MB of parity, thousands of faults)
             faults = {}
-            for step in (10, 11, 12, 13):
+            warm, fresh = (10, 11, 12, 13, 14, 15), 16
+            for step in (*warm, fresh):
                 for nd in nodes:
                     nd.gc.release("job", step - 2)
-                    if step == 13:  # for comparison: fresh segments, as before the spares
+                    if step == fresh:  # for comparison: fresh segments, as before the spares
                         nd.gc.drop_spares("job")
                 f0 = sum(_minflt(pid) for pid in pool.worker_pids())
                 payloads = await commit_version(nodes, step, sizes, prefix)
@@ -279,8 +280,10 @@ def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwr
                 if step == 11:  # parity written into reused segments rebuilds every lost node bit for bit
                     for lost in itertools.combinations(range(n), 1):
                         await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix, step=11)
-                assert (segments() == before) == (step != 13)
-            assert min(faults[10], faults[11], faults[12]) * 3 < faults[13], faults  # (a worker's heap may grow)
+                assert (segments() == before) == (step != fresh)
+            # a worker's heap may grow during any one version (measured: 1 to ~1,600 faults a warm version,
+            # ~2,300 a fresh one): the least of six warm versions against the fresh one
+            assert min(faults[s] for s in warm) * 3 < faults[fresh], faults
             # spares of a job idle for long go (memory at rest), those of a busy one stay
             spare = {nd.i: nd.gc.segment_bytes()["spare"] for nd in nodes}
             assert all(spare.values())
