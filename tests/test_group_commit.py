@@ -172,3 +172,56 @@ def test_a_rank_that_aborts_after_begin_releases_the_other_nodes_at_once(make_da
     finally:
         for s in snaps:
             s.close()
+
+
+def test_data_plane_keys_out_of_step_are_rekeyed(make_daemon, job_id):
+    """HELLOs queued in both directions during a partition arrive in a burst when it heals, and can leave a
+    node sending data under a key its peer no longer holds.  Heartbeats still flow, so nobody greeted again
+    and every later group commit timed out (tests/test_partition.py, CI).  Here a stale HELLO "from node 1"
+    gives node 0 a send key node 1 never had; node 1 drops node 0's data for it ("no-key"), greets node 0
+    again, and versions reach group level again."""
+    import asyncio
+
+    from shardkeep.daemon.peerlink import ControlClient, PeerContext, PeerSecurity, new_session_key
+
+    ports = free_ports(2)
+    ds = [make_daemon(["--peers", peers_arg(ports), "--node", str(i), "--parity", "1", "--insecure",
+                       "--heartbeat", "0.5", "--group-commit-timeout", "3"]) for i in range(2)]
+    wait_until(lambda: all_up(ds), what="group up")
+    snaps = [Snapshotter(socket=d.socket, job=job_id, rank=i, world_size=2, local_world_size=1)
+             for i, d in enumerate(ds)]
+    states = [{"w": torch.full((300_000,), float(i))} for i in range(2)]
+
+    def step(s: int) -> list:
+        futs = [sn.snapshot(st, s) for sn, st in zip(snaps, states)]
+        return [f.result(timeout=60) for f in futs]
+
+    async def stale_hello() -> None:
+        g0, g1 = ds[0].status()["group"], ds[1].status()["group"]
+        pctx = await PeerContext(PeerSecurity("insecure", 1)).start()
+        c = ControlClient(pctx, 0, g0["control"]).connect()
+        try:
+            await c.request("hello", {"group": g1["group"], "node": 1, "gen": g1["generation"],
+                                      "control": g1["control"], "data": g1["data"], "key": new_session_key()},
+                            timeout=10)
+        finally:
+            await c.close()
+            await pctx.close()
+
+    try:
+        assert [r.level for r in step(0)] == ["group"] * 2
+        dropped0 = ds[1].status()["group"]["forged_data_frames_dropped"]
+        asyncio.run(stale_hello())
+        later = None
+        for s in range(1, 16):  # bounded: 15 steps of at most the 3 s group-commit timeout each
+            rs = step(s)
+            if s > 1 and all(r.level == "group" for r in rs):
+                later = s
+                break
+            time.sleep(0.2)
+        assert ds[1].status()["group"]["forged_data_frames_dropped"] > dropped0, "the stale key was never used"
+        assert later is not None, "no version reached group level after the keys went out of step"
+        assert "greeting it again to rekey" in ds[1].log_path.read_text(errors="replace")
+    finally:
+        for s in snaps:
+            s.close()

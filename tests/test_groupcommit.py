@@ -12,6 +12,7 @@ import itertools
 import mmap
 import os
 import secrets
+import time
 
 import pytest
 
@@ -302,6 +303,56 @@ def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwr
                     break
                 await asyncio.sleep(0.02)
             assert segments() == set()
+        finally:
+            for nd in nodes:
+                await nd.close()
+            pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(prefix):
+                os.unlink(f"/dev/shm/{f}")
+
+
+def test_a_node_that_declines_a_version_releases_the_others_at_once():
+    """A node that sees the group degraded keeps its version at local level and declines the group commit
+    (``decline``).  Nodes that see the group whole a moment earlier (at a heal, or over a flapping link) and
+    joined it, before or after the decline, abort at once instead of waiting out the group-commit timeout
+    with the version's slots pinned.  Found in tests/test_partition.py: after the heal, one such version
+    held every slot for 6 s, and under CI load those stalls repeated for over a minute."""
+    prefix = f"sktgd{secrets.token_hex(3)}"
+    n, m, sizes = 4, 1, [300_001, 250_000, 7, 310_000]
+    why = "the group is degraded (node(s) 1 down): local level only"
+
+    async def main():
+        pool = CodecPool(workers=2)
+        nodes = []
+        try:
+            _, _, nodes, _ = await run_group(n, m, sizes, prefix, pool)  # version 7 at group level
+            for step, first in ((8, "others"), (9, "decliner")):
+                views = {nd.i: nd.payload(f"{prefix}-s{step}", sizes[nd.i], secrets.token_bytes(sizes[nd.i]))
+                         for nd in nodes[:3]}
+                t0 = time.monotonic()
+                if first == "decliner":
+                    nodes[3].gc.decline("job", step, 0, why)
+                await asyncio.gather(*(nd.gc.start("job", step, views[nd.i], b"m") for nd in nodes[:3]))
+                if first == "others":
+                    await asyncio.sleep(0.2)  # their local-commits reach node 3 first
+                    nodes[3].gc.decline("job", step, 0, why)
+                out = await asyncio.gather(*(nd.gc.wait("job", step, timeout=30) for nd in nodes[:3]),
+                                           return_exceptions=True)
+                elapsed = time.monotonic() - t0
+                assert all(isinstance(e, groupcommit.GroupCommitAborted) for e in out), (step, out)
+                assert all("degraded" in str(e) and "node 3" in str(e) for e in out), (step, out)
+                assert elapsed < 10, f"step {step}: the other nodes waited {elapsed:.1f}s for the declined version"
+                with pytest.raises(groupcommit.GroupCommitAborted):  # the decliner never joins it
+                    await nodes[3].gc.start("job", step, [memoryview(b"x")], b"m")
+                for nd in nodes[:3]:
+                    nd.gc.abandon("job", step)  # as the daemon does with an aborted version
+            # the next version reaches group level on every node
+            await commit_version(nodes, 10, sizes, prefix)
         finally:
             for nd in nodes:
                 await nd.close()

@@ -72,6 +72,8 @@ class Group:
         self.codec_pool: CodecPool | None = None
         self.gc: GroupCommit | None = None
         self._beats: dict[int, tuple[ControlClient, asyncio.Task]] = {}
+        self._rekey: set[int] = set()           # peers whose data-plane keys went out of step: greet again
+        self._rekeyed: dict[int, float] = {}    # when each was last rekeyed for that (one per heartbeat period)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class Group:
         host = cfg.advertise or bind_host
         self.control_endpoint = _with_host(bound, host)
         self.data = DataPlane(self.pctx, bind_host, cfg.data_port, on_message=self._on_data)
+        self.data.on_unkeyed = self._rekey_soon
         self.data_endpoint = _with_host(await self.data.start(), host)
         for j, rec in self.membership.peers.items():
             self.clients[j] = ControlClient(self.pctx, j, rec.control, timeout=cfg.timeouts.client_request).connect()
@@ -255,7 +258,15 @@ class Group:
         while True:
             # never greeted, or greeted but silent since: a peer that restarted may have lost our key and, if it
             # was started with a stale --peers, our address (a replacement moved); our HELLO gives it both
-            todo = [j for j in list(self.clients) if j not in self.greeted or not self.peer_up(j)]
+            # and a peer whose data we had to drop for an unknown key (the keys went out of step): one fresh
+            # HELLO exchange rekeys both directions
+            todo = [j for j in list(self.clients) if j not in self.greeted or not self.peer_up(j) or j in self._rekey]
+            for j in todo:
+                if j in self._rekey:
+                    self._rekey.discard(j)
+                    self._rekeyed[j] = time.monotonic()
+                    log.info("node %d: data from node %d came under a key this node no longer holds: "
+                             "greeting it again to rekey", self.node, j)
             if todo:
                 await asyncio.gather(*(greet(j) for j in todo))  # a dead peer's timeout delays no other
             await asyncio.sleep(period)
@@ -325,6 +336,13 @@ class Group:
             return await self.gc.serve_fetch(msg.fields)
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
+    def _rekey_soon(self, j: int) -> None:
+        """The data plane dropped a message from ``j`` for an unknown key (HELLOs queued in both directions
+        during a partition, delivered in a burst when it heals, can leave the two nodes on keys the other
+        no longer holds): the hello loop greets ``j`` again, at most once per heartbeat period."""
+        if j in self.clients and time.monotonic() - self._rekeyed.get(j, -1e9) >= self.cfg.timeouts.heartbeat:
+            self._rekey.add(j)
+
     def _replace_client(self, j: int, address: str) -> None:
         old = self.clients.get(j)
         self.clients[j] = ControlClient(self.pctx, j, address, timeout=self.cfg.timeouts.client_request).connect()
@@ -339,6 +357,7 @@ class Group:
             return {"assigned_gen": gen}
         assert self.data is not None
         rec = self.membership.peers[src]
+        before = (rec.gen, rec.instance, rec.control, rec.data)
         replaced = gen > rec.gen and rec.gen > 0
         rec.gen, rec.instance = gen, str(f.get("instance", ""))
         if f["control"] != rec.control:
@@ -353,7 +372,8 @@ class Group:
         mine = new_session_key()
         self.data.set_recv_key(src, mine)
         self.data.connect(src, rec.data)
-        self.membership.save(self.cfg.state_dir)
+        if (rec.gen, rec.instance, rec.control, rec.data) != before:  # (a burst of HELLOs after a heal: no writes)
+            self.membership.save(self.cfg.state_dir)
         if replaced:
             log.warning("node %d: node %d is a replacement, generation %d", self.node, src, gen)
         return {"key": mine, "gen": self.membership.gen, "data": self.data_endpoint, "instance": self.instance}

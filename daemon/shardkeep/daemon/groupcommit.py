@@ -134,6 +134,7 @@ class GroupCommit:
         self.faults = fault_plan()
         self.versions: dict[tuple[str, int], _Version] = {}
         self.abandoned: collections.OrderedDict = collections.OrderedDict()  # (job, step, epoch): late messages dropped
+        self.declined: collections.OrderedDict = collections.OrderedDict()  # (job, step, epoch) -> why (``decline``)
         self.recent: collections.deque = collections.deque(maxlen=32)  # timing of the last decided versions
         self.spares: dict[tuple[str, str], list[Segment]] = {}   # (job, kind) -> free segments of released versions
         self.segments_created: collections.Counter[str] = collections.Counter()
@@ -277,10 +278,39 @@ class GroupCommit:
         """A node skipped the step: it will never commit, so nobody waits for it."""
         v = self.versions.get((job, step, epoch))
         if v is None:
-            self.abandoned[(job, step, epoch)] = True  # its local-commits may still arrive: drop them
+            self._mark_abandoned(job, step, epoch)  # its local-commits may still arrive: drop them
             return
         if not v.decided:
             self._decide(v, "abort", broadcast=False, reason=reason)
+
+    def decline(self, job: str, step: int, epoch: int, reason: str) -> None:
+        """This node keeps (job, step) at local level and will not join its group commit (it sees the
+        group degraded).  The version can never have this node's ack, so aborting it anywhere is
+        consistent; the nodes that did join it (their ``local-commit`` came, or comes later) are told
+        at once.  Otherwise a node that sees the group whole a moment earlier (at a heal, over a
+        flapping link) waits out the group-commit timeout with the version's slots pinned.  While
+        every node sees the group degraded nobody joins, and nothing is sent."""
+        key = (job, step, epoch)
+        self.declined[key] = reason[:200]
+        while len(self.declined) > 4096:
+            self.declined.popitem(last=False)
+        v = self.versions.get(key)
+        joined = sorted(j for j in v.sizes if j != self.node) if v is not None else []
+        self.abort_version(job, step, epoch, reason)
+        for j in joined:
+            self._tell_declined(j, key)
+
+    def _tell_declined(self, j: int, key: tuple[str, int, int]) -> None:
+        job, step, epoch = key
+        reason = self.declined.get(key, "declined")
+
+        async def tell() -> None:
+            try:
+                await self.tell(j, "abort", {"job": job, "step": step, "epoch": epoch, "reason": reason})
+            except ShardkeepError as exc:  # it learns from the coordinator or its own timeout
+                log.debug("node %d: abort of job %s step %d not sent to node %d: %s", self.node, job, step, j, exc)
+
+        self._spawn(tell())
 
     def peers_down(self, down: set[int]) -> None:
         """Peers just went down: the coordinator decides what they leave undecided without waiting out
@@ -372,6 +402,8 @@ class GroupCommit:
 
     def on_control(self, src: int, mtype: str, f: dict, payload: list | None = None) -> None:
         if _key(f) in self.abandoned:
+            if mtype == "local-commit" and _key(f) in self.declined:  # joined after this node declined it
+                self._tell_declined(src, _key(f))
             return
         v = self._v(*_key(f))
         if mtype == "local-commit":
@@ -389,7 +421,10 @@ class GroupCommit:
                 raise ProtocolError(f"node {src} says step {f['step']} committed, but this node never acked it")
             self._decide(v, "commit", broadcast=False)
         elif mtype == "abort":
-            self._decide(v, "abort", broadcast=False, reason=f"node {src}: {f.get('reason', '')}")
+            # from the coordinator, or from a node that declined the version (``decline``): the
+            # coordinator passes the latter on, since the sender may not see every node up
+            relay = self.coordinator() == self.node and src != self.node and bool(v.sizes)
+            self._decide(v, "abort", broadcast=relay, reason=f"node {src}: {f.get('reason', '')}")
 
     def on_data(self, src: int, kind: str, meta: dict, payload: memoryview) -> Awaitable[None] | None:
         """A data message: checked here; the copy into shm is the returned awaitable (await it before the
@@ -894,6 +929,9 @@ class GroupCommit:
     def abandon(self, job: str, step: int, epoch: int = 0) -> None:
         """Give up on the version: free its segments and ignore what still arrives for it."""
         self.release(job, step, epoch)
+        self._mark_abandoned(job, step, epoch)
+
+    def _mark_abandoned(self, job: str, step: int, epoch: int) -> None:
         self.abandoned[(job, step, epoch)] = True
         while len(self.abandoned) > 4096:
             self.abandoned.popitem(last=False)

@@ -1223,10 +1223,11 @@ class DataMessage:
 
 
 class _Drop(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", src: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.src = src  # the sender the header claims (for "no-key": whom to rekey with)
 
 
 class _DataPeer(_Monitored):
@@ -1264,6 +1265,9 @@ class DataPlane:
         self.host = host
         self.bind_port = port
         self.on_message = on_message
+        # called with the claimed sender of a message dropped for an unknown key: the two nodes' keys
+        # went out of step (HELLOs queued during a partition arrive in a burst at the heal), rekey
+        self.on_unkeyed: Callable[[int], None] | None = None
         self.sndhwm = sndhwm
         self.rcvhwm = rcvhwm
         self.timeout = timeout
@@ -1501,6 +1505,8 @@ class DataPlane:
                 raise
             except _Drop as d:
                 self._drop(d.reason, d.detail)
+                if d.reason == "no-key" and d.src is not None and self.on_unkeyed is not None:
+                    self.on_unkeyed(d.src)
                 continue
             except Exception as exc:  # never let one message end the loop
                 self._drop("error", repr(exc))
@@ -1551,7 +1557,7 @@ class DataPlane:
             raise _Drop("wrong-dst", f"addressed to node {dst}")
         key = self._recv_keys.get(src, {}).get(kid)
         if key is None:
-            raise _Drop("no-key", f"no key {kid:#x} for messages from node {src}")
+            raise _Drop("no-key", f"no key {kid:#x} for messages from node {src}", src)
         if payload.nbytes >= HASH_IN_THREAD_BYTES:
             tag = await asyncio.get_running_loop().run_in_executor(self._pool, data_tag, key, hbytes, payload)
         else:

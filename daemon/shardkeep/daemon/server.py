@@ -577,12 +577,16 @@ class Daemon:
 
         Degraded (a peer down): not even tried.  Every node's part is needed, so the
         version could only time out, pinning its slots meanwhile and making the
-        next snapshots skip (DESIGN: degraded mode goes on at local level).
+        next snapshots skip (DESIGN: degraded mode goes on at local level).  The
+        nodes that already see the group whole are told to abort it at once.
         """
         loop = asyncio.get_running_loop()
         if self.group.degraded:
             down = sorted(j for j in self.group.membership.peers if not self.group.peer_up(j))
             why = f"the group is degraded (node(s) {', '.join(map(str, down))} down): local level only"
+            if self.group.gc is not None:
+                epoch = max((s.epoch for r in job.local_ranks() if (s := job.find(r, step)) is not None), default=0)
+                self.group.gc.decline(job.job, step, epoch, why)
             waiter = self._group_waiters[(job.job, step)] = loop.create_future()
             waiter.set_result(("local", why))
             loop.call_later(60, self._forget_waiter, (job.job, step), waiter)
