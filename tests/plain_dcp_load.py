@@ -21,6 +21,7 @@ sys.meta_path.insert(0, _NoShardkeep())
 
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
 
 from export_worker import build_model  # noqa: E402
 
@@ -34,12 +35,13 @@ def main() -> int:
     opt.step()  # creates the optimizer's state, which the load then overwrites
     for p in model.parameters():
         torch.nn.init.constant_(p.data, -3.0)
-    msd, osd = model.state_dict(), opt.state_dict()
+    # the way DCP's own docs load: names from get_state_dict (the optimizer's state by parameter name)
+    msd, osd = get_state_dict(model, opt)
+    assert all(isinstance(k, str) and "." in k for k in osd["state"]), list(osd["state"])
     extra = {"epoch": 0, "name": "", "ratios": [0.0, 0.0]}
     state = {"model": msd, "optim": osd, "extra": extra}
     dcp.load(state, storage_reader=dcp.FileSystemReader(step_dir))
-    model.load_state_dict(msd)
-    opt.load_state_dict(osd)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     want = torch.load(expected, weights_only=True)
     bad = [k for k, v in want["model"].items() if not torch.equal(model.state_dict()[k], v)]
     for i, p in enumerate(model.parameters()):

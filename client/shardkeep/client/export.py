@@ -51,7 +51,7 @@ from shardkeep.proto.leaves import NDArrayLeaf, TensorRef
 from shardkeep.proto.layout import check_job_id
 from shardkeep.proto.manifest import Manifest, checksum
 
-from .flatten import TAG
+from .flatten import TAG, canonical_key
 from .remote import Version
 
 FORMAT = 1
@@ -171,7 +171,9 @@ def materialize(skeleton: Any, views: dict[int, torch.Tensor], rank: int, shards
             return np.frombuffer(obj.data, dtype=np.dtype(obj.dtype)).reshape(obj.shape).copy()
         if isinstance(obj, dict):
             tag = obj.get(TAG)
-            if tag in ("stateful", "generator"):
+            if tag == "stateful":
+                return canonical_state(obj, rec(obj["state"], p))
+            if tag == "generator":
                 return rec(obj["state"], p)
             if tag == "dtensor":
                 local = views[obj["local"].index]
@@ -188,6 +190,29 @@ def materialize(skeleton: Any, views: dict[int, torch.Tensor], rank: int, shards
         return obj
 
     return rec(skeleton, path)
+
+
+def canonical_state(node: dict, sd: Any) -> Any:
+    """A Stateful's state dict under the names ``get_state_dict`` gives it (DESIGN.md: the persist layout): an
+    optimizer's parameter indices become the parameters' fully qualified names, in ``state`` and in each
+    param group's ``params``; a module's keys lose DDP's and torch.compile's wrapper segments.  A skeleton
+    saved without the names (a parameter in no module of the state) keeps the indices."""
+    if not isinstance(sd, dict):
+        return sd
+    fqns, wrappers = node.get("fqns"), node.get("wrappers")
+    if isinstance(fqns, list) and isinstance(sd.get("state"), dict):
+        def name(i: Any) -> Any:
+            return fqns[i] if type(i) is int and 0 <= i < len(fqns) else i
+
+        sd = dict(sd)
+        sd["state"] = {name(i): v for i, v in sd["state"].items()}
+        if isinstance(sd.get("param_groups"), list):
+            sd["param_groups"] = [{**g, "params": [name(i) for i in g["params"]]}
+                                  if isinstance(g, dict) and isinstance(g.get("params"), list) else g
+                                  for g in sd["param_groups"]]
+    if isinstance(wrappers, list) and wrappers:
+        sd = {canonical_key(k, wrappers) if isinstance(k, str) else k: v for k, v in sd.items()}
+    return sd
 
 
 class _Planner:

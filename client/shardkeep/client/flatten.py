@@ -10,6 +10,7 @@ of these.  The skeleton is the same tree with each tensor replaced by a
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,71 @@ class Flat:
 
     _private: bool = False
 
+    def param_names(self, opt: torch.optim.Optimizer) -> list[str] | None:
+        """The canonical name of each of ``opt``'s parameters, in ``opt.state_dict()``'s index order, from
+        the modules in the same state; None if one is in none of them."""
+        sig = (tuple(len(g["params"]) for g in opt.param_groups), tuple(id(m) for m in self.modules))
+        hit = _PARAM_NAMES.get(opt)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        names: dict[int, str] = {}
+        for m in self.modules:
+            wr = wrapper_paths(m)
+            for n, p in m.named_parameters():
+                names.setdefault(id(p), canonical_key(n, wr))
+        out: list[str] | None = []
+        for g in opt.param_groups:
+            for p in g["params"]:
+                n = names.get(id(p))
+                if n is None:
+                    out = None
+                    break
+                out.append(n)
+            if out is None:
+                break
+        _PARAM_NAMES[opt] = (sig, out)
+        return out
+
+
+# --- canonical names: what torch.distributed.checkpoint.state_dict.get_state_dict calls things ---------------
+
+_PARAM_NAMES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+_WRAPPERS: "weakref.WeakKeyDictionary[torch.nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def wrapper_paths(root: torch.nn.Module) -> list[str]:
+    """Dotted paths, in ``root.state_dict()`` keys, of the wrapper segments that ``get_state_dict`` leaves
+    out of its names: DDP's ``module``, torch.compile's ``_orig_mod``, activation checkpointing's
+    ``_checkpoint_wrapped_module``; deepest first.  Cached per module."""
+    hit = _WRAPPERS.get(root)
+    if hit is not None:
+        return hit
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: list[str] = []
+    todo: list[tuple[torch.nn.Module, str]] = [(root, "")]
+    while todo:
+        m, prefix = todo.pop()
+        for name, child in m.named_children():
+            path = f"{prefix}{name}"
+            if ((name == "module" and isinstance(m, DistributedDataParallel))
+                    or (name == "_orig_mod" and type(m).__name__ == "OptimizedModule")
+                    or name == "_checkpoint_wrapped_module"):
+                out.append(path)
+            todo.append((child, path + "."))
+    out.sort(key=lambda w: -w.count("."))
+    _WRAPPERS[root] = out
+    return out
+
+
+def canonical_key(key: str, wrappers: list[str]) -> str:
+    """``key`` without the wrapper segments ``wrappers`` (deepest first) names."""
+    for w in wrappers:
+        if key.startswith(w + "."):
+            head, _, _ = w.rpartition(".")
+            key = (head + "." if head else "") + key[len(w) + 1:]
+    return key
+
 
 def flatten(state: dict, rng_state: dict | None, shard: tuple[int, int] | None = None) -> Flat:
     """``shard`` = (rank, size) of a data-parallel group: each rank keeps only its 1/size slice of the
@@ -229,9 +295,19 @@ def _walk(obj: Any, flat: Flat, path: str) -> Any:
         outer = flat._in_replica
         flat._in_replica = outer or isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
         try:
-            return {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
+            node = {TAG: "stateful", "type": type(obj).__qualname__, "state": _walk(obj.state_dict(), flat, path)}
         finally:
             flat._in_replica = outer
+        # the names get_state_dict would give (the persist tier and export write them; restore ignores them)
+        if isinstance(obj, torch.optim.Optimizer):
+            names = flat.param_names(obj)
+            if names:
+                node["fqns"] = names
+        elif isinstance(obj, torch.nn.Module):
+            wr = wrapper_paths(obj)
+            if wr:
+                node["wrappers"] = wr
+        return node
     if isinstance(obj, torch.Generator):  # e.g. a DataLoader's own generator=
         if obj.device.type != "cpu":
             raise TypeError(f"state[{path}]: only CPU torch.Generator objects are supported")

@@ -221,7 +221,7 @@ class Persister:
             if busy:
                 log.info("job %s step %d not persisted: nodes %s were still writing an older version", key[0],
                          key[1], busy)
-                shutil.rmtree(self.root / key[0] / f".step-{key[1]}.p{key[2]}", ignore_errors=True)
+                self._drop_partial(*key)
                 return
             self._spawn(self._commit(*key, parts))
 
@@ -229,7 +229,16 @@ class Persister:
         parts = self.parts.pop(key, None)
         if parts is not None:
             self._failed(key[0], key[1], f"only nodes {sorted(parts)} sent their part within {PARTS_WAIT_S:.0f} s")
-            shutil.rmtree(self.root / key[0] / f".step-{key[1]}.p{key[2]}", ignore_errors=True)
+            self._drop_partial(*key)
+
+    def _drop_partial(self, job: str, step: int, epoch: int) -> None:
+        """Remove a version's partial directory, off the event loop (shared storage can be slow)."""
+        path = self.root / job / f".step-{step}.p{epoch}"
+
+        async def drop() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, path, True)
+
+        self._spawn(drop())
 
     async def _commit(self, job: str, step: int, epoch: int, parts: dict[int, bytes]) -> None:
         files = []
@@ -246,7 +255,7 @@ class Persister:
             log.info("job %s step %d persisted to %s", job, step, self.root / job / f"step-{step}")
         except (ShardkeepError, OSError, RuntimeError, asyncio.TimeoutError) as exc:
             self._failed(job, step, f"commit: {exc}")
-            shutil.rmtree(self.root / job / f".step-{step}.p{epoch}", ignore_errors=True)
+            self._drop_partial(job, step, epoch)
         finally:
             for f in files:
                 f.unlink(missing_ok=True)
