@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from groupjob import lose_nodes, replace_and_recover, start_group
 from test_group_membership import free_ports, wait_until
 from shardkeep.client import IntegrityError, NotFoundError, Snapshotter
+from shardkeep.proto.errors import ProtocolError
+from shardkeep.proto.transport import Channel
 from shardkeep.client.dcp import ShardkeepReader, ShardkeepWriter, decode_metadata, encode_metadata, parse_step
 
 HERE = Path(__file__).parent
@@ -93,6 +95,33 @@ def test_save_at_4_load_at_2_and_1_on_other_daemons(make_daemon, job_id, tmp_pat
     one = run_ranks([b], job_id, "load", tmp_path, "load1")
     check_loaded(one, 7)
     assert one[0]["bytes_remote"] > 0 and one[0]["bytes_local"] > 0, one
+    # remote bytes came over the data plane into staging segments, and every read was ended
+    for d in (a, b):
+        st = d.status()["reads"]
+        assert st["in_flight"] == 0 and st["served"] > 0 and st["bytes"] > 0, st
+        assert len(list(Path("/dev/shm").glob(f"{d.prefix}-r-*"))) <= 4  # kept for the job's next reads
+    check_read_refusals(b, dcp_job + "-dcp", 7)
+    for d in (a, b):  # finishing the job removes its staging segments
+        Channel(d.socket, timeout=30).request("finish", {"job": dcp_job + "-dcp"})
+        assert list(Path("/dev/shm").glob(f"{d.prefix}-r-*")) == []
+
+
+def check_read_refusals(d, job: str, step: int) -> None:
+    """What the daemon answers to reads it must not serve; it keeps serving after each."""
+    ch = Channel(d.socket, timeout=30)
+    me = d.status()["group"]["node"]
+    with pytest.raises(ProtocolError, match="is this node"):
+        ch.request("read", {"job": job, "step": step, "node": me, "offset": 0, "length": 16})
+    with pytest.raises(ProtocolError, match="no payload bytes"):  # beyond the other node's payload
+        ch.request("read", {"job": job, "step": step, "node": 1 - me, "offset": 1 << 40, "length": 16})
+    with pytest.raises(NotFoundError, match="no read"):
+        ch.request("read-done", {"job": job, "read": "0123456789abcdef"})
+    r = ch.request("read", {"job": job, "step": step, "node": 1 - me, "offset": 0, "length": 4096})
+    assert r.fields["size"] >= 4096 and not r.payload  # the bytes are in the segment, not the reply
+    with pytest.raises(NotFoundError):  # a read is ended by its own job only
+        ch.request("read-done", {"job": job + "x", "read": r.fields["read"]})
+    ch.request("read-done", {"job": job, "read": r.fields["read"]})
+    assert d.status()["reads"]["in_flight"] == 0
 
 
 @pytest.mark.slow

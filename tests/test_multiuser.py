@@ -226,3 +226,97 @@ def test_the_persist_tier_reads_a_users_job_with_the_daemons_own_token(users, jo
         d.stop()
         d.wipe_shm()
         shutil.rmtree(root, ignore_errors=True)
+
+
+GROUP_CLIENT = r"""
+import json, os, sys, torch
+from shardkeep.client import Snapshotter
+from shardkeep.client.remote import Version
+from shardkeep.client.shm import fetch_fd
+uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), [int(g) for g in sys.argv[3].split(",") if g]
+os.setgroups(groups)
+os.setgid(gid)
+os.setuid(uid)
+sock, job, token, what, rank = sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7], int(sys.argv[8])
+out = {}
+state = {"w": torch.arange(1 << 20, dtype=torch.float32) + 1000 * rank}
+if what == "train":
+    s = Snapshotter(socket=sock, job=job, rank=rank, world_size=2, local_world_size=1, token=token)
+    r = s.snapshot(state, 3).result(timeout=120)
+    s.close()
+    out["snapshot"] = [r.status, r.level]
+else:  # read rank ``rank``'s tensor through this node's daemon: the other node's bytes come via staging
+    v = Version(job, socket=sock, token=token).locate()
+    with v.open(rank, {0}) as views:
+        out["equal"] = bool(torch.equal(views[0], state["w"]))
+    out["remote"] = v.bytes_remote
+    v.close()
+    from shardkeep.proto.transport import Channel
+    ch = Channel(sock, timeout=60)
+    r = ch.request("read", {"job": job, "step": 3, "node": rank, "offset": 0, "length": 4096, "token": token})
+    name = r.fields["segment"]
+    def attempt(key, fn):
+        try:
+            fn()
+            out[key] = "got it"
+        except Exception as exc:
+            out[key] = type(exc).__name__
+    # a job's staging segment is its own: by name never, by descriptor while its read is open
+    attempt("open", lambda: os.open("/dev/shm/" + name, os.O_RDONLY))
+    attempt("fd", lambda: fetch_fd(sock + ".fds", job, token, name))
+    ch.request("read-done", {"job": job, "read": r.fields["read"], "token": token})
+    attempt("fd after read-done", lambda: fetch_fd(sock + ".fds", job, token, name))
+print(json.dumps(out))
+"""
+
+
+def test_a_remote_read_in_multi_user_mode_hands_over_its_staging_segment_by_descriptor(users, job_id):
+    """Two multi-user daemons in a group: a member's rank 0 lives on node 0; reading it through node 1 brings
+    the bytes over the peer data plane into a staging segment that the member gets by descriptor only."""
+    import time
+
+    from test_group_membership import free_ports, peers_arg
+
+    ports = free_ports(2)
+    roots, ds = [], []
+    try:
+        for i in range(2):
+            root = Path(tempfile.mkdtemp(prefix="skmu", dir="/tmp"))
+            os.chmod(root, 0o755)
+            roots.append(root)
+            prefix = f"skt{secrets.token_hex(4)}"
+            _PREFIXES.append(prefix)
+            ds.append(DaemonProc(root, prefix, ["--trainer-group", users["group"], "--peers", peers_arg(ports),
+                                                "--node", str(i), "--parity", "1", "--insecure"]).start())
+        deadline = time.monotonic() + 60
+        while not all(all(p["up"] for p in d.status()["group"]["peers"]) for d in ds):
+            assert time.monotonic() < deadline, "group not up"
+            time.sleep(0.2)
+        token = "tok-" + secrets.token_hex(8)
+        pw = users["member"]
+
+        def run(d: DaemonProc, what: str, rank: int) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-c", GROUP_CLIENT, str(pw.pw_uid), str(pw.pw_gid),
+                                     str(users["gid"]), d.socket, job_id, token, what, str(rank)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "HOME": "/tmp", "OMP_NUM_THREADS": "1"})
+
+        trainers = [run(ds[i], "train", i) for i in range(2)]
+        for p in trainers:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, out + err
+            assert json.loads(out.strip().splitlines()[-1])["snapshot"] == ["committed", "group"]
+        p = run(ds[0], "read", 1)  # rank 1 lives on node 1: read through node 0
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, out + err
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["equal"] and got["remote"] == 4 << 20, got
+        assert got["open"] == "PermissionError" and got["fd"] == "got it", got
+        assert got["fd after read-done"] == "PermissionDeniedError", got
+        assert ds[0].status()["reads"]["served"] >= 2 and ds[0].status()["reads"]["in_flight"] == 0
+    finally:
+        for d in ds:
+            d.stop()
+            d.wipe_shm()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)

@@ -18,7 +18,6 @@ import threading
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
 from shardkeep.proto import wire
@@ -240,7 +239,8 @@ class _LocalRank:
 
 
 class _RemoteRank:
-    """A rank another node holds: fetch the chunks of the needed tensors over the peer plane, verify them."""
+    """A rank another node holds: its daemon brings the chunks of the needed tensors over the peer data plane
+    into staging segments; copy them out, verify them."""
 
     def __init__(self, reader: "Version", rank: int, info: RankAt, need: set[int]) -> None:
         self.r, self.rank, self.info, self.need = reader, rank, info, need
@@ -255,19 +255,32 @@ class _RemoteRank:
                 runs[-1][1] = min((c + 1) * m.chunk, m.data_bytes)
             else:
                 runs.append([c * m.chunk, min((c + 1) * m.chunk, m.data_bytes)])
-        np_buf = buf.numpy()
         pieces = [(off, min(wire.MAX_READ, b - off)) for a, b in runs for off in range(a, b, wire.MAX_READ)]
 
         def fetch(piece: tuple[int, int]) -> None:
             off, n = piece
             fields = {"job": r.job, "step": r.step, "epoch": r.epoch, "node": self.info.node,
                       "offset": self.info.offset + off, "length": n, **({"token": r.token} if r.token else {})}
-            reply = r._channel().request("read", fields)
-            frame = reply.payload[0] if reply.payload else b""
-            data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-            if data.nbytes != n:
-                raise IntegrityError(f"node {self.info.node} sent {data.nbytes} bytes of rank {self.rank} for {n}")
-            np_buf[off : off + n] = np.frombuffer(data, dtype=np.uint8)
+            ch = r._channel()
+            reply = ch.request("read", fields)
+            # the daemon brought the bytes over the peer data plane into a staging segment: map, copy, done
+            if "fd_socket" in reply.fields:
+                r._maps.use_fd_socket(str(reply.fields["fd_socket"]), r.job, r.token)
+            rid = str(reply.fields.get("read", ""))
+            try:
+                name, size = str(reply.fields["segment"]), int(reply.fields["size"])
+                if size < n:
+                    raise IntegrityError(f"read of {n} bytes of rank {self.rank}: a staging segment of {size}")
+                buf[off : off + n].copy_(r._maps.get(name, size).u8[:n])
+            except KeyError as exc:
+                raise ProtocolError(f"read reply without {exc}") from None
+            finally:
+                try:
+                    if rid:
+                        ch.request("read-done", {"job": r.job, "read": rid,
+                                                 **({"token": r.token} if r.token else {})})
+                except ShardkeepError as exc:  # the daemon drops it at its lease anyway
+                    log.debug("read-done %s: %s", rid, exc)
 
         # a few requests in flight: the peer copies the next piece out of shm while one travels
         list(r._pool().map(fetch, pieces))

@@ -51,6 +51,7 @@ class Group:
         self.on_fenced = on_fenced
         self.on_skip = on_skip
         self.on_persist_done: Callable[[int, dict, bytes], None] | None = None  # the persist tier's coordinator
+        self.on_fetch_reply: Callable[[int, dict, Any], Any] | None = None     # remote reads (reads.py)
         self.node: int = cfg.node
         self.n = len(cfg.peers)
         self.placement = Placement(self.n, cfg.parity)
@@ -125,6 +126,14 @@ class Group:
         await asyncio.gather(*(one(j, c) for j, c in list(self.clients.items())))
 
     def _on_data(self, msg: Any) -> Any:
+        if msg.kind == "fetch-reply":
+            try:
+                if self.on_fetch_reply is None:
+                    raise ProtocolError("this node reads nothing remotely")
+                return self.on_fetch_reply(msg.src, msg.meta, msg.payload)
+            except ShardkeepError as exc:
+                log.warning("node %d: data from node %d refused: %s", self.node, msg.src, exc)
+                return None
         if self.gc is not None:
             try:
                 copy = self.gc.on_data(msg.src, msg.kind, msg.meta, msg.payload)
@@ -333,7 +342,7 @@ class Group:
         if msg.type == "inventory" and self.gc is not None:
             return {"versions": self.gc.inventory()}
         if msg.type == "fetch" and self.gc is not None:
-            return await self.gc.serve_fetch(msg.fields)
+            return await self.gc.serve_fetch(msg.fields, msg.src)
         raise ProtocolError(f"peer message {msg.type!r} is not served by this version")
 
     def _rekey_soon(self, j: int) -> None:

@@ -838,7 +838,7 @@ class GroupCommit:
         return [[job, step, epoch] for (job, step, epoch), v in sorted(self.versions.items())
                 if v.decided == "commit"]
 
-    async def serve_fetch(self, f: dict) -> tuple[dict, list]:
+    async def serve_fetch(self, f: dict, src: int | None = None) -> tuple[dict, list]:
         """Answer a rebuilding peer: sizes and manifests, a piece of our chunk, or a piece of our parity
         (the copy out of shm in a thread)."""
         key = _key(f)
@@ -853,6 +853,9 @@ class GroupCommit:
         if n > PIECE * 4:
             raise ProtocolError(f"fetch of {n} bytes: at most {PIECE * 4} per request")
         if what == "payload":  # a remote reader: bytes of this node's own payload (its ranks' data, rank order)
+            if f.get("reply_via") == "data":
+                await self.send_payload(v, src, f.get("rid"), off, n)
+                return {"sent": n}, []
             return {}, [await self.read_payload(v, off, n)]
         if what == "data":
             a, b = self._chunk(v, self.node, s)
@@ -880,6 +883,19 @@ class GroupCommit:
         found = [(st, ep) for (j, st, ep), v in self.versions.items()
                  if j == job and v.decided == "commit" and v.views is not None and (step is None or st == step)]
         return max(found) if found else None
+
+    async def send_payload(self, v: _Version, dst: int | None, rid: Any, off: int, n: int) -> None:
+        """Bytes [off, off + n) of this node's payload of ``v`` to node ``dst`` as ``fetch-reply`` data
+        messages, straight out of shared memory (reads.py on the other side)."""
+        total = sum(len(x) for x in v.views or ())
+        if dst is None or not isinstance(rid, str) or not rid:
+            raise ProtocolError("fetch of a payload over the data plane needs the read's rid")
+        if v.views is None or off + n > total:
+            raise ProtocolError(f"node {self.node} has no payload bytes {off}+{n} of job {v.job!r} step {v.step} "
+                                f"(it holds {total})")
+        for start in range(off, off + n, PIECE):
+            for piece_off, mv in _slices(v.views, start, min(start + PIECE, off + n)):
+                await self.send_data(dst, "fetch-reply", {**_ident(v), "rid": rid, "offset": piece_off - off}, mv)
 
     async def read_payload(self, v: _Version, off: int, n: int) -> bytes:
         """Bytes [off, off + n) of this node's payload of ``v`` (copied out of shm in a thread)."""

@@ -190,7 +190,7 @@ PEER_SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     # remote read and rebuild
     "fetch": ({"job": _job, "step": STEP},
               {"history": HISTORY, "rank": RANK, "stripe": NODE, "what": _enum("data", "parity", "manifest", "payload"),
-               "offset": SIZE, "length": SIZE, "reply_via": _enum("control", "data")}, 0),
+               "offset": SIZE, "length": SIZE, "reply_via": _enum("control", "data"), "rid": _str(64)}, 0),
     # which versions this node holds at group level (a replacement asks before it rebuilds)
     "inventory": ({}, {}, 0),
     # what this node knows of the coordinator's decision on a version (reply {outcome})

@@ -73,6 +73,7 @@ class Daemon:
         self.dropped_bad = 0
         self.faults = fault_plan()
         self.group = None
+        self.reads = None        # remote reads over the peer data plane (reads.RemoteReads), in a group
         self.fenced = ""
         self._group_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.recover_progress: dict = {}
@@ -227,6 +228,10 @@ class Daemon:
             codec = await loop.run_in_executor(self._pool, pick_ec_type)
             self.group = Group(self.cfg, self.instance, codec, self._fenced, self._peer_skipped)
             await self.group.setup_codec(loop, self._pool)
+            from .reads import RemoteReads
+
+            self.reads = RemoteReads(self.cfg, self.group, self._pool)
+            self.group.on_fetch_reply = self.reads.on_data
             for job, step, _epoch in self.group.gc.adopt_saved(self._payload):
                 self.jobs[job].group_recorded = [step]
             await self.group.start()
@@ -263,6 +268,8 @@ class Daemon:
         sock.close(linger=0)
         if self.group is not None:
             await self.group.stop()
+        if self.reads is not None:
+            self.reads.close()
         self.shutdown()
         if self.fenced:
             raise UnavailableError(f"stood down: {self.fenced}")
@@ -393,7 +400,7 @@ class Daemon:
         return wire.encode_error(msg.id, exc, self.instance)
 
     def _handle_sync(self, msg: wire.Message) -> list:
-        handler = getattr(self, f"h_{msg.type}")
+        handler = getattr(self, "h_" + msg.type.replace("-", "_"))
         try:
             result = handler(msg.fields, msg.payload)
         except ShardkeepError as exc:
@@ -411,7 +418,8 @@ class Daemon:
 
     def _slot_names(self, job: str) -> set[str]:
         j = self.jobs.get(job)
-        return {s.name for s in j.all_slots()} if j is not None else set()
+        names = {s.name for s in j.all_slots()} if j is not None else set()
+        return names | (self.reads.names(job) if self.reads is not None else set())
 
     def _fd_fields(self) -> dict:
         return {"fd_socket": self.fd_server.path} if self.fd_server is not None else {}
@@ -735,30 +743,21 @@ class Daemon:
         return ({"step": step, "epoch": 0, "level": "local", "node": node},
                 [msgpack.packb({node: mine}, use_bin_type=True)])
 
-    async def h_read(self, f: dict[str, Any]) -> tuple[dict, list]:
-        """Bytes of node ``node``'s payload of a group-level version (its ranks' data in rank order),
-        from this node's own copy or fetched from that node over the peer plane."""
+    async def h_read(self, f: dict[str, Any]) -> dict:
+        """Bytes of node ``node``'s payload of a group-level version (its ranks' data in rank order), brought
+        over the peer data plane into a staging segment the client maps (reads.py)."""
         self._check_token(f["job"], f)
-        if self.group is None or self.group.gc is None:
+        if self.reads is None:
             raise NotFoundError("read: this daemon is not in a group; only its own ranks can be read (open)")
-        job, step, epoch, node = f["job"], f["step"], f.get("epoch", 0), f["node"]
-        gc = self.group.gc
-        if node == self.group.node:
-            v = gc.versions.get((job, step, epoch))
-            if v is None or v.decided != "commit":
-                raise NotFoundError(f"node {node} holds no group-level version of job {job!r} step {step}")
-            return {}, [await gc.read_payload(v, f["offset"], f["length"])]
-        if node not in self.group.clients:
-            raise NotFoundError(f"read: node {node} is not in this group")
-        if not self.group.peer_up(node):
-            raise UnavailableError(f"read: node {node} is down; its data of job {job!r} step {step} needs "
-                                   "`shardkeep recover` on its replacement first")
-        r = await self.group.clients[node].request(
-            "fetch", {"job": job, "step": step, "epoch": epoch, "what": "payload", "offset": f["offset"],
-                      "length": f["length"]}, timeout=self.cfg.timeouts.rebuild_chunk)
-        if len(r.payload) != 1 or len(r.payload[0]) != f["length"]:
-            raise IntegrityError(f"node {node} sent {sum(len(x) for x in r.payload)} bytes for {f['length']}")
-        return {}, [r.payload[0]]
+        out = await self.reads.read(f["job"], f["step"], f.get("epoch", 0), f["node"], f["offset"], f["length"])
+        return {**out, **self._fd_fields()}
+
+    def h_read_done(self, f, payload):
+        self._check_token(f["job"], f)
+        if self.reads is None:
+            raise NotFoundError("read-done: this daemon is not in a group")
+        self.reads.done(f["job"], f["read"])
+        return {}
 
     def h_open(self, f, payload):
         self._check_token(f["job"], f)
@@ -815,6 +814,8 @@ class Daemon:
             for key in [k for k in self.group.gc.versions if k[0] == job.job]:
                 self.group.gc.release(*key)
             self.group.gc.drop_spares(job.job)
+        if self.reads is not None:
+            self.reads.drop_job(job.job)
         slots = job.all_slots()
         freed = sum(s.size for s in slots)
         for s in slots:
@@ -853,6 +854,7 @@ class Daemon:
             "group": self.group.status() if self.group is not None else None,
             "recover": self.recover_progress or None,
             "persist": self.persister.status() if self.persister is not None else None,
+            "reads": self.reads.status() if self.reads is not None else None,
         }
 
 

@@ -62,6 +62,7 @@ SCHEMAS: dict[str, tuple[dict, dict, int]] = {
     "locate": ({"job": _job}, {"step": STEP, "token": JOB_TOKEN}, 0),
     "read": ({"job": _job, "step": STEP, "node": _int(0, 4095), "offset": SIZE, "length": _int(1, MAX_READ)},
              {"epoch": EPOCH, "token": JOB_TOKEN}, 0),
+    "read-done": ({"job": _job, "read": _str(64)}, {"token": JOB_TOKEN}, 0),
 }
 
 REPLY_OK = "ok"
