@@ -184,8 +184,9 @@ class GroupCommit:
         rebuild of this node can recreate its slots from any survivor.
         """
         if (job, step, epoch) in self.abandoned:
+            why = self.abandoned[(job, step, epoch)]
             raise GroupCommitAborted(f"group commit of job {job!r} step {step} was aborted before this node "
-                                     "joined it")
+                                     f"joined it{': ' + why if why else ''}")
         v = self._v(job, step, epoch)
         v.views = views
         v.sizes[self.node] = sum(len(x) for x in views)
@@ -278,7 +279,7 @@ class GroupCommit:
         """A node skipped the step: it will never commit, so nobody waits for it."""
         v = self.versions.get((job, step, epoch))
         if v is None:
-            self._mark_abandoned(job, step, epoch)  # its local-commits may still arrive: drop them
+            self._mark_abandoned(job, step, epoch, reason)  # its local-commits may still arrive: drop them
             return
         if not v.decided:
             self._decide(v, "abort", broadcast=False, reason=reason)
@@ -387,7 +388,7 @@ class GroupCommit:
             v.committed.set_result(outcome == "commit")
         self.recent.append(self.timing(v))
         if outcome == "abort" and v.views is None and self.versions.get((v.job, v.step, v.epoch)) is v:
-            self.abandon(v.job, v.step, v.epoch)  # never joined here: nobody else will free it
+            self.abandon(v.job, v.step, v.epoch, reason)  # never joined here: nobody else will free it
         if outcome == "commit":
             log.info("node %d: job %s step %d group-committed", self.node, v.job, v.step)
             if v.parity is not None and not v.record:
@@ -942,13 +943,14 @@ class GroupCommit:
             v.record = ""
         self._retire(v)
 
-    def abandon(self, job: str, step: int, epoch: int = 0) -> None:
+    def abandon(self, job: str, step: int, epoch: int = 0, reason: str = "") -> None:
         """Give up on the version: free its segments and ignore what still arrives for it."""
         self.release(job, step, epoch)
-        self._mark_abandoned(job, step, epoch)
+        self._mark_abandoned(job, step, epoch, reason)
 
-    def _mark_abandoned(self, job: str, step: int, epoch: int) -> None:
-        self.abandoned[(job, step, epoch)] = True
+    def _mark_abandoned(self, job: str, step: int, epoch: int, reason: str = "") -> None:
+        """``reason`` (why it was aborted) is what a later ``start`` of it says."""
+        self.abandoned[(job, step, epoch)] = reason[:500]
         while len(self.abandoned) > 4096:
             self.abandoned.popitem(last=False)
 

@@ -622,7 +622,7 @@ class Daemon:
             except Exception as exc:  # degraded or timed out: the version stays at local level
                 why = str(exc)
                 log.warning("job %s step %d stays at local level: %s", job.job, step, exc)
-                self.group.gc.abandon(job.job, step, epoch)
+                self.group.gc.abandon(job.job, step, epoch, why)
             finally:
                 for s in slots:
                     s.pins.pop(token, None)
