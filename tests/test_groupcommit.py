@@ -129,6 +129,28 @@ async def commit_version(nodes: list[Node], step: int, sizes: list[int], prefix:
     return payloads
 
 
+def in_group(n: int, m: int, sizes: list[int], prefix: str, body) -> None:
+    """``await body(placement, spec, nodes, payloads, pool)`` on a group that committed version 7
+    (``run_group``); then the nodes and the codec pool are closed and the test's /dev/shm files removed."""
+    async def main():
+        pool = CodecPool(workers=2)
+        nodes: list[Node] = []
+        try:
+            p, spec, nodes, payloads = await run_group(n, m, sizes, prefix, pool)
+            await body(p, spec, nodes, payloads, pool)
+        finally:
+            for nd in nodes:
+                await nd.close()
+            pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(prefix):
+                os.unlink(f"/dev/shm/{f}")
+
+
 async def check_rebuild(p: Placement, spec, nodes: list[Node], payloads: list[bytes], lost: tuple[int, ...],
                         pool: CodecPool, prefix: str, step: int = 7) -> None:
     k = p.k
@@ -195,31 +217,18 @@ def test_every_m_lost_nodes_rebuild_bit_for_bit(n, m, sizes, small_ring, monkeyp
         monkeypatch.setattr(groupcommit, "ROW_BYTES", 1)        # one codec piece per row
         monkeypatch.setattr(groupcommit, "RING_BYTES", 1)       # the minimum: two rows
 
-    async def main():
-        pool = CodecPool(workers=2)
-        nodes = []
-        try:
-            p, spec, nodes, payloads = await run_group(n, m, sizes, prefix, pool)
-            for v in (nd.gc.versions[("job", 7, 0)] for nd in nodes):
-                assert v.acks == set(range(n)) and v.committed.done()
-                if small_ring:
-                    assert v.window == 2 and v.rows > 4, (v.window, v.rows)
-            for r in range(1, m + 1):
-                for lost in itertools.combinations(range(n), r):
-                    await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix)
-            for nd in nodes:
-                nd.gc.release("job", 7)
-        finally:
-            for nd in nodes:
-                await nd.close()
-            pool.close()
+    async def body(p, spec, nodes, payloads, pool):
+        for v in (nd.gc.versions[("job", 7, 0)] for nd in nodes):
+            assert v.acks == set(range(n)) and v.committed.done()
+            if small_ring:
+                assert v.window == 2 and v.rows > 4, (v.window, v.rows)
+        for r in range(1, m + 1):
+            for lost in itertools.combinations(range(n), r):
+                await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix)
+        for nd in nodes:
+            nd.gc.release("job", 7)
 
-    try:
-        asyncio.run(main())
-    finally:
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(prefix):
-                os.unlink(f"/dev/shm/{f}")
+    in_group(n, m, sizes, prefix, body)
 
 
 def _minflt(pid: int) -> int:
@@ -236,84 +245,71 @@ def test_segments_are_reused_across_versions_and_the_held_parity_is_never_overwr
     def segments() -> set[str]:
         return {f for f in os.listdir("/dev/shm") if f.startswith(prefix) and ("-stage-" in f or "-parity-" in f)}
 
-    async def main():
-        pool = CodecPool(workers=2)
-        nodes = []
-        try:
-            p, spec, nodes, _ = await run_group(n, m, sizes, prefix, pool)
-            held = {nd.i: nd.gc.versions[("job", 7, 0)].parity.name for nd in nodes}
-            kept = {i: open(f"/dev/shm/{name}", "rb").read() for i, name in held.items()}
-            assert all(nd.gc.segments_created == {"stage": 1, "parity": 1} for nd in nodes)
-            # version 8 while 7 is still the one held (group level): the ring is reused, the parity is not
-            await commit_version(nodes, 8, sizes, prefix)
+    async def body(p, spec, nodes, _, pool):
+        held = {nd.i: nd.gc.versions[("job", 7, 0)].parity.name for nd in nodes}
+        kept = {i: open(f"/dev/shm/{name}", "rb").read() for i, name in held.items()}
+        assert all(nd.gc.segments_created == {"stage": 1, "parity": 1} for nd in nodes)
+        # version 8 while 7 is still the one held (group level): the ring is reused, the parity is not
+        await commit_version(nodes, 8, sizes, prefix)
+        for nd in nodes:
+            assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
+            assert open(f"/dev/shm/{held[nd.i]}", "rb").read() == kept[nd.i], "held parity overwritten"
+            assert nd.gc.segments_created == {"stage": 1, "parity": 2}
+            assert nd.gc.segments_reused == {"stage": 1}
+        # 8 is group level: the daemon releases 7, whose segments become spares for 9
+        for nd in nodes:
+            nd.gc.release("job", 7)
+        before = segments()
+        assert all(name in before for name in held.values())
+        await commit_version(nodes, 9, sizes, prefix)
+        assert segments() == before, "version 9 created segment files"
+        for nd in nodes:
+            assert nd.gc.segments_created == {"stage": 1, "parity": 2}
+            assert nd.gc.segments_reused == {"stage": 2, "parity": 1}
+            assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
+            assert nd.gc.versions[("job", 9, 0)].parity.name == held[nd.i]
+            seg = nd.gc.segment_bytes()
+            assert seg["parity"] == 2 * nd.gc.versions[("job", 9, 0)].parity.size and seg["staging"] == 0
+            assert seg["spare"] == nd.gc.versions[("job", 9, 0)].window * 3 * nd.gc.row_bytes()
+        # the codec workers keep every segment mapped: once their heaps are warm, a version faults in
+        # nothing (new segments: ~4 x 12 MiB of ring and 4 x 2 MB of parity, thousands of faults)
+        faults = {}
+        warm, fresh = (10, 11, 12, 13, 14, 15), 16
+        for step in (*warm, fresh):
             for nd in nodes:
-                assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
-                assert open(f"/dev/shm/{held[nd.i]}", "rb").read() == kept[nd.i], "held parity overwritten"
-                assert nd.gc.segments_created == {"stage": 1, "parity": 2}
-                assert nd.gc.segments_reused == {"stage": 1}
-            # 8 is group level: the daemon releases 7, whose segments become spares for 9
-            for nd in nodes:
-                nd.gc.release("job", 7)
-            before = segments()
-            assert all(name in before for name in held.values())
-            await commit_version(nodes, 9, sizes, prefix)
-            assert segments() == before, "version 9 created segment files"
-            for nd in nodes:
-                assert nd.gc.segments_created == {"stage": 1, "parity": 2}
-                assert nd.gc.segments_reused == {"stage": 2, "parity": 1}
-                assert nd.gc.versions[("job", 8, 0)].parity.name != held[nd.i]
-                assert nd.gc.versions[("job", 9, 0)].parity.name == held[nd.i]
-                seg = nd.gc.segment_bytes()
-                assert seg["parity"] == 2 * nd.gc.versions[("job", 9, 0)].parity.size and seg["staging"] == 0
-                assert seg["spare"] == nd.gc.versions[("job", 9, 0)].window * 3 * nd.gc.row_bytes()
-            # the codec workers keep every segment mapped: once their heaps are warm, a version faults in
-            # nothing (new segments: ~4 x 12 MiB of ring and 4 x 2 MB of parity, thousands of faults)
-            faults = {}
-            warm, fresh = (10, 11, 12, 13, 14, 15), 16
-            for step in (*warm, fresh):
-                for nd in nodes:
-                    nd.gc.release("job", step - 2)
-                    if step == fresh:  # for comparison: fresh segments, as before the spares
-                        nd.gc.drop_spares("job")
-                f0 = sum(_minflt(pid) for pid in pool.worker_pids())
-                payloads = await commit_version(nodes, step, sizes, prefix)
-                faults[step] = sum(_minflt(pid) for pid in pool.worker_pids()) - f0
-                if step == 11:  # parity written into reused segments rebuilds every lost node bit for bit
-                    for lost in itertools.combinations(range(n), 1):
-                        await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix, step=11)
-                assert (segments() == before) == (step != fresh)
-            # a worker's heap may grow during any one version (measured: 1 to ~1,600 faults a warm version,
-            # ~2,300 a fresh one): the least of six warm versions against the fresh one
-            assert min(faults[s] for s in warm) * 3 < faults[fresh], faults
-            # spares of a job idle for long go (memory at rest), those of a busy one stay
-            spare = {nd.i: nd.gc.segment_bytes()["spare"] for nd in nodes}
-            assert all(spare.values())
-            for nd in nodes:
-                nd.gc.trim_spares(idle=3600)
-                assert nd.gc.segment_bytes()["spare"] == spare[nd.i]
-                nd.gc.trim_spares(idle=0)
-                assert nd.gc.segment_bytes()["spare"] == 0 and nd.gc.segment_bytes()["parity"] > 0
-            # a finished job's spares go
-            for nd in nodes:
-                for key in list(nd.gc.versions):
-                    nd.gc.release(*key)
-                nd.gc.drop_spares("job")
-            for _ in range(100):  # a parity record still being written hands its segment over after
-                if not segments():
-                    break
-                await asyncio.sleep(0.02)
-            assert segments() == set()
-        finally:
-            for nd in nodes:
-                await nd.close()
-            pool.close()
+                nd.gc.release("job", step - 2)
+                if step == fresh:  # for comparison: fresh segments, as before the spares
+                    nd.gc.drop_spares("job")
+            f0 = sum(_minflt(pid) for pid in pool.worker_pids())
+            payloads = await commit_version(nodes, step, sizes, prefix)
+            faults[step] = sum(_minflt(pid) for pid in pool.worker_pids()) - f0
+            if step == 11:  # parity written into reused segments rebuilds every lost node bit for bit
+                for lost in itertools.combinations(range(n), 1):
+                    await check_rebuild(p, spec, nodes, payloads, lost, pool, prefix, step=11)
+            assert (segments() == before) == (step != fresh)
+        # a worker's heap may grow during any one version (measured: 1 to ~1,600 faults a warm version,
+        # ~2,300 a fresh one): the least of six warm versions against the fresh one
+        assert min(faults[s] for s in warm) * 3 < faults[fresh], faults
+        # spares of a job idle for long go (memory at rest), those of a busy one stay
+        spare = {nd.i: nd.gc.segment_bytes()["spare"] for nd in nodes}
+        assert all(spare.values())
+        for nd in nodes:
+            nd.gc.trim_spares(idle=3600)
+            assert nd.gc.segment_bytes()["spare"] == spare[nd.i]
+            nd.gc.trim_spares(idle=0)
+            assert nd.gc.segment_bytes()["spare"] == 0 and nd.gc.segment_bytes()["parity"] > 0
+        # a finished job's spares go
+        for nd in nodes:
+            for key in list(nd.gc.versions):
+                nd.gc.release(*key)
+            nd.gc.drop_spares("job")
+        for _ in range(100):  # a parity record still being written hands its segment over after
+            if not segments():
+                break
+            await asyncio.sleep(0.02)
+        assert segments() == set()
 
-    try:
-        asyncio.run(main())
-    finally:
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(prefix):
-                os.unlink(f"/dev/shm/{f}")
+    in_group(n, m, sizes, prefix, body)
 
 
 def test_a_node_that_declines_a_version_releases_the_others_at_once():
@@ -326,42 +322,29 @@ def test_a_node_that_declines_a_version_releases_the_others_at_once():
     n, m, sizes = 4, 1, [300_001, 250_000, 7, 310_000]
     why = "the group is degraded (node(s) 1 down): local level only"
 
-    async def main():
-        pool = CodecPool(workers=2)
-        nodes = []
-        try:
-            _, _, nodes, _ = await run_group(n, m, sizes, prefix, pool)  # version 7 at group level
-            for step, first in ((8, "others"), (9, "decliner")):
-                views = {nd.i: nd.payload(f"{prefix}-s{step}", sizes[nd.i], secrets.token_bytes(sizes[nd.i]))
-                         for nd in nodes[:3]}
-                t0 = time.monotonic()
-                if first == "decliner":
-                    nodes[3].gc.decline("job", step, 0, why)
-                await asyncio.gather(*(nd.gc.start("job", step, views[nd.i], b"m") for nd in nodes[:3]))
-                if first == "others":
-                    await asyncio.sleep(0.2)  # their local-commits reach node 3 first
-                    nodes[3].gc.decline("job", step, 0, why)
-                out = await asyncio.gather(*(nd.gc.wait("job", step, timeout=30) for nd in nodes[:3]),
-                                           return_exceptions=True)
-                elapsed = time.monotonic() - t0
-                assert all(isinstance(e, groupcommit.GroupCommitAborted) for e in out), (step, out)
-                assert all("degraded" in str(e) and "node 3" in str(e) for e in out), (step, out)
-                assert elapsed < 10, f"step {step}: the other nodes waited {elapsed:.1f}s for the declined version"
-                # the decliner never joins it, and a late start says why it was aborted
-                with pytest.raises(groupcommit.GroupCommitAborted, match="before this node joined it: .*degraded"):
-                    await nodes[3].gc.start("job", step, [memoryview(b"x")], b"m")
-                for nd in nodes[:3]:
-                    nd.gc.abandon("job", step)  # as the daemon does with an aborted version
-            # the next version reaches group level on every node
-            await commit_version(nodes, 10, sizes, prefix)
-        finally:
-            for nd in nodes:
-                await nd.close()
-            pool.close()
+    async def body(p, spec, nodes, _, pool):  # version 7 at group level
+        for step, first in ((8, "others"), (9, "decliner")):
+            views = {nd.i: nd.payload(f"{prefix}-s{step}", sizes[nd.i], secrets.token_bytes(sizes[nd.i]))
+                     for nd in nodes[:3]}
+            t0 = time.monotonic()
+            if first == "decliner":
+                nodes[3].gc.decline("job", step, 0, why)
+            await asyncio.gather(*(nd.gc.start("job", step, views[nd.i], b"m") for nd in nodes[:3]))
+            if first == "others":
+                await asyncio.sleep(0.2)  # their local-commits reach node 3 first
+                nodes[3].gc.decline("job", step, 0, why)
+            out = await asyncio.gather(*(nd.gc.wait("job", step, timeout=30) for nd in nodes[:3]),
+                                       return_exceptions=True)
+            elapsed = time.monotonic() - t0
+            assert all(isinstance(e, groupcommit.GroupCommitAborted) for e in out), (step, out)
+            assert all("degraded" in str(e) and "node 3" in str(e) for e in out), (step, out)
+            assert elapsed < 10, f"step {step}: the other nodes waited {elapsed:.1f}s for the declined version"
+            # the decliner never joins it, and a late start says why it was aborted
+            with pytest.raises(groupcommit.GroupCommitAborted, match="before this node joined it: .*degraded"):
+                await nodes[3].gc.start("job", step, [memoryview(b"x")], b"m")
+            for nd in nodes[:3]:
+                nd.gc.abandon("job", step)  # as the daemon does with an aborted version
+        # the next version reaches group level on every node
+        await commit_version(nodes, 10, sizes, prefix)
 
-    try:
-        asyncio.run(main())
-    finally:
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(prefix):
-                os.unlink(f"/dev/shm/{f}")
+    in_group(n, m, sizes, prefix, body)

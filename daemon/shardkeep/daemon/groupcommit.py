@@ -888,22 +888,22 @@ class GroupCommit:
     async def send_payload(self, v: _Version, dst: int | None, rid: Any, off: int, n: int) -> None:
         """Bytes [off, off + n) of this node's payload of ``v`` to node ``dst`` as ``fetch-reply`` data
         messages, straight out of shared memory (reads.py on the other side)."""
-        total = sum(len(x) for x in v.views or ())
         if dst is None or not isinstance(rid, str) or not rid:
             raise ProtocolError("fetch of a payload over the data plane needs the read's rid")
-        if v.views is None or off + n > total:
-            raise ProtocolError(f"node {self.node} has no payload bytes {off}+{n} of job {v.job!r} step {v.step} "
-                                f"(it holds {total})")
+        self._check_payload_range(v, off, n)
         for start in range(off, off + n, PIECE):
             for piece_off, mv in _slices(v.views, start, min(start + PIECE, off + n)):
                 await self.send_data(dst, "fetch-reply", {**_ident(v), "rid": rid, "offset": piece_off - off}, mv)
 
-    async def read_payload(self, v: _Version, off: int, n: int) -> bytes:
-        """Bytes [off, off + n) of this node's payload of ``v`` (copied out of shm in a thread)."""
+    def _check_payload_range(self, v: _Version, off: int, n: int) -> None:
         total = sum(len(x) for x in v.views or ())
         if v.views is None or off + n > total:
             raise ProtocolError(f"node {self.node} has no payload bytes {off}+{n} of job {v.job!r} step {v.step} "
                                 f"(it holds {total})")
+
+    async def read_payload(self, v: _Version, off: int, n: int) -> bytes:
+        """Bytes [off, off + n) of this node's payload of ``v`` (copied out of shm in a thread)."""
+        self._check_payload_range(v, off, n)
         pieces = [mv for _, mv in _slices(v.views, off, off + n)]
         return await asyncio.get_running_loop().run_in_executor(self.copier, b"".join, pieces)
 
